@@ -1,0 +1,28 @@
+"""Run under `torchrun --nproc_per_node=2`: exercises common's DDP helpers and prints one JSON line per rank."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+dist = common.ddp_setup(torch.device("cpu"))
+mean = common.all_reduce_mean(torch.tensor(float(dist.rank + 1)), dist).item()
+torch.manual_seed(0)                                        # same initial weights on every rank
+model = common.wrap_ddp(torch.nn.Linear(4, 1), dist)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+x = torch.full((8, 4), float(dist.rank))                    # different data per rank
+model(x).pow(2).mean().backward()
+optimizer.step()
+weights = common.unwrap(model).weight.detach().flatten()
+gathered = [torch.zeros_like(weights) for _ in range(dist.world_size)]
+torch.distributed.all_gather(gathered, weights)
+batch = next(common.infinite_batches(common.HRPatches(sys.argv[1], 16), 2, "cpu", seed=3, workers=0, dist=dist))
+batches = [torch.zeros_like(batch) for _ in range(dist.world_size)]
+torch.distributed.all_gather(batches, batch)
+print(json.dumps({"rank": dist.rank, "world": dist.world_size, "mean": mean,
+                  "weights_agree": all(torch.equal(g, gathered[0]) for g in gathered),
+                  "batches_differ": not torch.equal(batches[0], batches[1])}), flush=True)
+common.ddp_teardown(dist)
