@@ -1,9 +1,7 @@
-"""Shared pieces of the blind-SR reference scripts: what a benchmark convention fixes and no paper defines.
-
-Image IO, folder datasets, the classic degradation primitives (Gaussian kernels, per-sample blur, MATLAB
-bicubic, noise, 8-bit quantisation), the benchmark protocols (gaussian8, aniso_noise, bicubic) with per-image
-seeds, Y-channel PSNR/SSIM (MATLAB/BasicSR conventions), and run utilities (seeding, device, bf16, DDP,
-atomic checkpoints, logging, result tables). The facts are in ../shared/specs/protocol.md (cited as [P §n]).
+"""What a benchmark convention fixes and no paper defines, shared by the blind-SR scripts: image IO, datasets,
+classic degradation primitives, the benchmark protocols with per-image seeds, Y-channel PSNR/SSIM
+(MATLAB/BasicSR) and run utilities (seed, device, bf16, DDP, atomic checkpoints, logs, result tables).
+Facts cited as [P §n] are from the shared evaluation protocol (protocol.md, summarised in README.md).
 
     python common.py baseline --data Set5 Set14 --protocol gaussian8 --scale 4 --data-root datasets
 """
@@ -64,27 +62,14 @@ def list_images(dirs) -> list[Path]:
     return files
 
 # ---- Training data ----------------------------------------------------------------------------------------
-def _cached_decode(path: Path, cache_dir) -> np.ndarray:
-    """Decode once; with a cache folder keep a .npy next to nothing else and memory-map it afterwards."""
-    if cache_dir is None:
-        return load_uint8(path)
-    stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    npy = Path(cache_dir) / f"{path.stem}-{key}.npy"
-    if not npy.exists():
-        npy.parent.mkdir(parents=True, exist_ok=True)
-        np.save(tmp := npy.with_suffix(f".tmp{os.getpid()}.npy"), load_uint8(path))
-        os.replace(tmp, npy)
-    return np.load(npy, mmap_mode="r")
-
 class HRPatches(torch.utils.data.Dataset):
     """Random HR patches with h-flip / v-flip / transpose (p = 0.5 each) [P §5]; `crops_per_item` > 1 gives
-    (k, 3, P, P) crops of one image. Images are decoded once, by threads, into memory (or memory-mapped .npy
-    files under `cache_dir`). Item i is a pure function of (seed, i): batches do not depend on the workers."""
-    def __init__(self, dirs, patch_size: int, crops_per_item: int = 1, cache_dir=None):
+    (k, 3, P, P) crops of one image. Images are decoded once, by threads, into uint8 memory that forked
+    workers share. Item i is a pure function of (seed, i): batches do not depend on the number of workers."""
+    def __init__(self, dirs, patch_size: int, crops_per_item: int = 1):
         self.files = list_images(dirs)
         with ThreadPoolExecutor(8) as pool:                                         # Pillow releases the GIL
-            self.images = list(pool.map(lambda p: _cached_decode(p, cache_dir), self.files))
+            self.images = list(pool.map(load_uint8, self.files))
         for path, img in zip(self.files, self.images):
             if min(img.shape[:2]) < patch_size:
                 raise UserError(f"{path} is {img.shape[0]}x{img.shape[1]}, smaller than the {patch_size}x"
@@ -141,8 +126,7 @@ def isotropic_kernels(sigma, size: int = 21) -> torch.Tensor:
 def blur(img: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Per-sample correlation: (B, C, H, W) with (B, k, k) or (k, k), reflect padding, one grouped conv [P §1.2]."""
     b, c, h, w = img.shape
-    kernels = kernels.to(img).expand(b, *kernels.shape[-2:]) if kernels.dim() == 2 or len(kernels) == 1 \
-        else kernels.to(img)
+    kernels = kernels.to(img).expand(b, *kernels.shape[-2:])                      # (k, k) or (1, k, k) -> (B, k, k)
     pad = kernels.shape[-1] // 2
     x = F.pad(img.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")   # (1, B·C, H+2p, W+2p)
     weight = kernels.repeat_interleave(c, dim=0).unsqueeze(1)                       # (B·C, 1, k, k)
@@ -194,9 +178,7 @@ def degrade(img_hr: torch.Tensor, kernels, scale: int, noise=None, generator=Non
     """y = Q(imresize(x ⊗ k, 1/s) + n): blur -> bicubic ↓s -> noise on 0–255 -> 8-bit [P §1]."""
     x = blur(img_hr, kernels) if kernels is not None else img_hr
     x = imresize(x, 1 / scale)
-    if noise is not None and bool(torch.as_tensor(noise).ne(0).any()):
-        x = add_noise(x, noise, generator)
-    return quantize(x)
+    return quantize(x if noise is None else add_noise(x, noise, generator))
 
 # ---- Benchmark protocols [P §2–3] -------------------------------------------------------------------------
 GAUSSIAN8 = {2: (0.8, 1.6), 3: (1.35, 2.4), 4: (1.8, 3.2)}
@@ -343,15 +325,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 def pick_device(name: str = "auto") -> torch.device:
-    """auto -> CUDA when present; under torchrun each rank takes cuda:LOCAL_RANK."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise UserError(f"unknown device '{name}'; expected auto, cpu or cuda")
+    """auto|cpu|cuda; auto -> CUDA when present; under torchrun each rank takes cuda:LOCAL_RANK."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    torch.cuda.set_device(device)
+    torch.cuda.set_device(device := torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     return device
 
 def autocast(device: torch.device, enabled: bool):
@@ -370,8 +349,7 @@ class Dist:
 
 def ddp_setup(device=None) -> Dist:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU); a no-op for a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if (world := int(os.environ.get("WORLD_SIZE", "1"))) <= 1:
         return Dist()
     if not torch.distributed.is_initialized():
         cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
@@ -425,16 +403,14 @@ def save_checkpoint(path, payload: dict) -> None:
 
 def load_checkpoint(path, script: str, stages=None, device="cpu") -> dict:
     """Load one of our checkpoints; a clear UserError for a missing file, foreign file, script or stage."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        raise UserError(f"{path} is not a readable checkpoint of these scripts ({type(err).__name__}); "
-                        f"official weights go through --official-weights") from None
-    if not isinstance(ckpt, dict) or "script" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of these scripts; official weights go through --official-weights")
+        if not isinstance(ckpt, dict) or "script" not in ckpt:
+            raise ValueError
+    except Exception:  # noqa: BLE001 - any failure to unpickle our dict means "not one of our checkpoints"
+        raise UserError(f"{path} is not a checkpoint of these scripts (official weights: --official-weights)") from None
     if ckpt["script"] != script:
         raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py")
     if stages is not None and ckpt.get("stage") not in stages:
