@@ -1,10 +1,7 @@
 """What a benchmark convention fixes and no paper defines, shared by the blind-SR scripts: image IO, datasets,
-classic degradation primitives, the benchmark protocols with per-image seeds, Y-channel PSNR/SSIM
-(MATLAB/BasicSR) and run utilities (seed, device, bf16, DDP, atomic checkpoints, logs, result tables).
-Facts cited as [P §n] are from the shared evaluation protocol (protocol.md, summarised in README.md).
-
-    python common.py baseline --data Set5 Set14 --protocol gaussian8 --scale 4 --data-root datasets
-"""
+classic degradation, benchmark protocols with per-image seeds, Y-channel PSNR/SSIM (MATLAB/BasicSR) and run
+utilities. [P §n] cites the shared evaluation protocol (see README.md). Bicubic reference rows of every table:
+`python common.py baseline --data Set5 Set14 --protocol gaussian8 --scale 4 --data-root datasets`."""
 from __future__ import annotations
 
 import argparse, contextlib, csv, dataclasses, functools, hashlib, itertools, json, math, os, random, time
@@ -12,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import scipy.signal
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -29,8 +27,7 @@ def load_uint8(path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit gray: 0..65535 -> 0..255
-                gray = np.round(np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=2)
+                return np.repeat(np.round(np.asarray(im, np.float64) / 257).astype(np.uint8)[..., None], 3, axis=2)
             return np.array(im.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as err:
         raise UserError(f"cannot read image {path}: {err}") from None
@@ -38,7 +35,6 @@ def load_uint8(path) -> np.ndarray:
 def load_image(path) -> torch.Tensor:
     """(3, H, W) float32 RGB in [0, 1] = uint8 / 255 [P §2]."""
     return torch.from_numpy(load_uint8(path)).permute(2, 0, 1).float().div(255)
-
 def to_uint8(img: torch.Tensor) -> np.ndarray:
     """(3, H, W) or (1, 3, H, W) float in [0, 1] -> (H, W, 3) uint8: clamp, x255, round half to even [P §1.4]."""
     img = img.detach().float().cpu().reshape(-1, *img.shape[-2:])
@@ -63,9 +59,8 @@ def list_images(dirs) -> list[Path]:
 
 # ---- Training data ----------------------------------------------------------------------------------------
 class HRPatches(torch.utils.data.Dataset):
-    """Random HR patches with h-flip / v-flip / transpose (p = 0.5 each) [P §5]; `crops_per_item` > 1 gives
-    (k, 3, P, P) crops of one image. Images are decoded once, by threads, into uint8 memory that forked
-    workers share. Item i is a pure function of (seed, i): batches do not depend on the number of workers."""
+    """Random HR patches, h/v-flip and transpose at p = 0.5 [P §5]; crops_per_item = k > 1 gives (k, 3, P, P) crops of
+    one image. Decoded once (threads) into uint8 memory; item i depends on (seed, i) only, not on the workers."""
     def __init__(self, dirs, patch_size: int, crops_per_item: int = 1):
         self.files = list_images(dirs)
         with ThreadPoolExecutor(8) as pool:                                         # Pillow releases the GIL
@@ -93,17 +88,16 @@ class HRPatches(torch.utils.data.Dataset):
         out = torch.stack(crops) if self.crops_per_item > 1 else crops[0]
         return out.float().div(255)
 
-def infinite_batches(dataset, batch_size: int, device, seed: int = 0, start_step: int = 0, workers: int = 2,
-                     dist=None):
+def infinite_batches(dataset, batch_size: int, device, seed: int = 0, start_step: int = 0, workers: int = 2, dist=None):
     """Endless batches on `device`; `start_step=k` gives exactly the batches an uninterrupted run sees at k."""
     dataset.seed = seed
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     # step k on rank r draws items (k·world + r)·B … (k·world + r)·B + B − 1: disjoint across ranks and steps
     items = itertools.chain.from_iterable(range((k * world + rank) * batch_size, (k * world + rank + 1) * batch_size)
                                           for k in itertools.count(start_step))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=items,
-        num_workers=workers, pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=items, num_workers=workers,  # own generator:
+                                         generator=torch.Generator().manual_seed(seed),  # global RNG untouched
+                                         pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
     for batch in loader:
         yield batch.to(device, non_blocking=True)
 
@@ -122,7 +116,6 @@ def anisotropic_kernels(lambda1, lambda2, theta, size: int = 21) -> torch.Tensor
 def isotropic_kernels(sigma, size: int = 21) -> torch.Tensor:
     """(B, size, size) kernels k ∝ exp(-(x² + y²) / 2σ²) [P §1.1]."""
     return anisotropic_kernels(sigma, sigma, 0.0 * torch.as_tensor(sigma), size)
-
 def blur(img: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Per-sample correlation: (B, C, H, W) with (B, k, k) or (k, k), reflect padding, one grouped conv [P §1.2]."""
     b, c, h, w = img.shape
@@ -135,8 +128,7 @@ def blur(img: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
 def _cubic(t: np.ndarray) -> np.ndarray:
     """MATLAB's cubic kernel, a = -0.5 [P §1.3]."""
     a = np.abs(t)
-    return ((1.5 * a**3 - 2.5 * a**2 + 1) * (a <= 1)
-            + (-0.5 * a**3 + 2.5 * a**2 - 4 * a + 2) * ((a > 1) & (a <= 2)))
+    return (1.5 * a**3 - 2.5 * a**2 + 1) * (a <= 1) + (-0.5 * a**3 + 2.5 * a**2 - 4 * a + 2) * ((a > 1) & (a <= 2))
 
 @functools.lru_cache(maxsize=128)
 def _resize_matrix(n_in: int, scale: float, device: str) -> torch.Tensor:
@@ -155,8 +147,6 @@ def _resize_matrix(n_in: int, scale: float, device: str) -> torch.Tensor:
 
 def imresize(img: torch.Tensor, scale: float) -> torch.Tensor:
     """MATLAB-semantics bicubic resize of (..., H, W) by `scale` (e.g. 1/4 or 4): two matrix products."""
-    if img.shape[-1] < 2 or img.shape[-2] < 2:
-        raise UserError(f"image of size {tuple(img.shape[-2:])} is too small to resize")
     rows = _resize_matrix(img.shape[-2], float(scale), str(img.device)).to(img.dtype)
     cols = _resize_matrix(img.shape[-1], float(scale), str(img.device)).to(img.dtype)
     return rows @ img @ cols.T
@@ -164,16 +154,13 @@ def imresize(img: torch.Tensor, scale: float) -> torch.Tensor:
 def add_noise(img: torch.Tensor, sigma255, generator=None) -> torch.Tensor:
     """img + σn/255 · ε, ε ~ N(0, 1) per pixel and channel; σn per sample on the 0–255 scale [P §1.4]."""
     sigma = torch.as_tensor(sigma255, dtype=img.dtype, device=img.device).reshape(-1, 1, 1, 1)
-    if generator is None:
-        eps = torch.randn_like(img)
-    else:                                                   # seeded evaluation noise is drawn on the CPU [P §1.5]
-        eps = torch.randn(img.shape, generator=generator, dtype=torch.float32).to(img)
+    # seeded evaluation noise is drawn on the CPU, then moved [P §1.5]
+    eps = torch.randn_like(img) if generator is None else torch.randn(img.shape, generator=generator).to(img)
     return img + sigma / 255 * eps
 
 def quantize(img: torch.Tensor) -> torch.Tensor:
     """Clamp to [0, 1] and round to 8 bits (half to even)."""
     return img.mul(255).round().clamp(0, 255).div(255)
-
 def degrade(img_hr: torch.Tensor, kernels, scale: int, noise=None, generator=None) -> torch.Tensor:
     """y = Q(imresize(x ⊗ k, 1/s) + n): blur -> bicubic ↓s -> noise on 0–255 -> 8-bit [P §1]."""
     x = blur(img_hr, kernels) if kernels is not None else img_hr
@@ -208,18 +195,15 @@ def find_benchmark(data, root="datasets") -> tuple[str, list[Path]]:
     if folder.is_dir():
         return str(data), list_images(folder)
     known = [n for n in BENCHMARKS if (Path(root) / n / "HR").is_dir()]
-    raise UserError(f"benchmark '{data}' not found: expected {folder}/*.png (layout <data-root>/<Set>/HR/*.png; "
-                    f"known names {', '.join(BENCHMARKS)}; present under {root}: {', '.join(known) or 'none'}) "
-                    f"or a folder path")
+    raise UserError(f"benchmark '{data}' not found: expected {folder}/*.png (layout <data-root>/<Set>/HR/*.png, "
+                    f"names {', '.join(BENCHMARKS)}; under {root}: {', '.join(known) or 'none'}) or a folder path")
 
 def eval_seed(key: str) -> int:
     """Seed = first 8 bytes of SHA-256(key), little-endian, mod 2⁶³ [P §1.5]."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % (1 << 63)
-
 def modcrop(img: np.ndarray, scale: int) -> np.ndarray:
     """Crop bottom/right so that H and W are multiples of the scale [P §2]."""
     return img[: img.shape[0] - img.shape[0] % scale, : img.shape[1] - img.shape[1] % scale]
-
 def benchmark_lr(img_hr: np.ndarray, params: dict, scale: int, key: str, device="cpu") -> torch.Tensor:
     """Deterministic (1, 3, h, w) test LR from a modcropped uint8 HR; `key` = "{set}/{stem}"."""
     hr = torch.from_numpy(np.ascontiguousarray(img_hr)).permute(2, 0, 1)[None].float().div(255).to(device)
@@ -262,7 +246,6 @@ def summarize(rows: list[dict]) -> list[dict]:
 def bicubic_sr(scale: int):
     """The reference 'method': MATLAB bicubic upsampling of the LR input."""
     return lambda img_lr: imresize(img_lr, scale)
-
 def print_table(rows: list[dict], title: str) -> None:
     """Fixed-width table of summary rows."""
     print(f"\n{title}\n{'set':<10} {'degradation':<14} {'PSNR':>8} {'SSIM':>7} {'n':>4}")
@@ -284,15 +267,12 @@ def write_results(out_dir, rows: list[dict], title: str = "") -> None:
                      for r in rows)
 
 # ---- Metrics [P §4] ---------------------------------------------------------------------------------------
-def _y_channel(img: np.ndarray) -> np.ndarray:
-    """Y = 16 + 65.481 R + 128.553 G + 24.966 B, RGB in [0, 1], float64, not rounded."""
-    rgb = img.astype(np.float64) / 255.0
-    return 16.0 + 65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]
-
 def _y_pair(sr: np.ndarray, hr: np.ndarray, shave: int):
+    """Y = 16 + 65.481 R + 128.553 G + 24.966 B of both images (RGB in [0, 1], float64, unrounded), shaved."""
     if sr.shape != hr.shape:
         raise UserError(f"images differ in shape: SR {sr.shape} vs HR {hr.shape}")
-    return tuple(y[shave:-shave, shave:-shave] if shave > 0 else y for y in (_y_channel(sr), _y_channel(hr)))
+    ys = [16.0 + img.astype(np.float64) / 255.0 @ np.array([65.481, 128.553, 24.966]) for img in (sr, hr)]
+    return tuple(y[shave:-shave, shave:-shave] if shave > 0 else y for y in ys)
 
 def psnr_y(sr: np.ndarray, hr: np.ndarray, shave: int = 0) -> float:
     """PSNR = 10 log10(255² / MSE) on Y after shaving `shave` border pixels; inf for identical images."""
@@ -300,21 +280,16 @@ def psnr_y(sr: np.ndarray, hr: np.ndarray, shave: int = 0) -> float:
     mse = np.mean((y_sr - y_hr) ** 2)
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
-def _filter_valid(x: np.ndarray, taps: np.ndarray) -> np.ndarray:
-    """'Valid' correlation with the separable window taps ⊗ taps (no padding)."""
-    n = len(taps)
-    x = sum(t * x[i:x.shape[0] - n + 1 + i] for i, t in enumerate(taps))
-    return sum(t * x[:, i:x.shape[1] - n + 1 + i] for i, t in enumerate(taps))
-
 def ssim_y(sr: np.ndarray, hr: np.ndarray, shave: int = 0) -> float:
     """SSIM (Wang et al. 2004) on Y: 11x11 Gaussian window σ = 1.5, valid filtering, mean of the map."""
     a, b = _y_pair(sr, hr, shave)
     taps = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
-    taps /= taps.sum()
+    window = np.outer(taps, taps) / taps.sum() ** 2
+    local_mean = functools.partial(scipy.signal.fftconvolve, in2=window, mode="valid")  # no padding: map 10 px smaller
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mu_a, mu_b = _filter_valid(a, taps), _filter_valid(b, taps)
-    var_a, var_b = _filter_valid(a * a, taps) - mu_a**2, _filter_valid(b * b, taps) - mu_b**2
-    cov = _filter_valid(a * b, taps) - mu_a * mu_b
+    mu_a, mu_b = local_mean(a), local_mean(b)
+    var_a, var_b = local_mean(a * a) - mu_a**2, local_mean(b * b) - mu_b**2
+    cov = local_mean(a * b) - mu_a * mu_b
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return float(ssim_map.mean())
 
@@ -340,7 +315,6 @@ def autocast(device: torch.device, enabled: bool):
 
 @dataclasses.dataclass
 class Dist:
-    """Where this process stands under torchrun (rank 0 of 1 without it)."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -359,7 +333,6 @@ def ddp_setup(device=None) -> Dist:
 def ddp_teardown(dist: Dist) -> None:
     if dist.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
 def wrap_ddp(model: torch.nn.Module, dist: Dist, find_unused: bool = False) -> torch.nn.Module:
     """DistributedDataParallel when running under torchrun; the model itself otherwise."""
     if not dist.enabled:
@@ -369,7 +342,6 @@ def wrap_ddp(model: torch.nn.Module, dist: Dist, find_unused: bool = False) -> t
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
 def all_reduce_mean(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
     """Mean of `tensor` over ranks (the tensor itself for a single process)."""
     if dist.enabled:
@@ -379,15 +351,14 @@ def all_reduce_mean(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
 
 def rng_state() -> dict:
     """Python, NumPy, torch (and CUDA) RNG states as plain tensors/lists (safe for weights_only loading)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                   has_gauss, cached], "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    name, keys, *rest = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 def set_rng_state(state: dict) -> None:
     random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -422,7 +393,6 @@ class RunLog:
     def __init__(self, out_dir, total_steps: int, enabled: bool = True, start_step: int = 0):
         self.path, self.total, self.enabled = Path(out_dir) / "log.jsonl", total_steps, enabled
         self.last_step, self.last_time = start_step, time.perf_counter()
-
     def log(self, step: int, stage: str, **scalars) -> None:
         now = time.perf_counter()
         ms_per_it = 1000 * (now - self.last_time) / max(step - self.last_step, 1)
