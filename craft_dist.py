@@ -1,0 +1,819 @@
+"""Crafting Training Degradation Distribution for the Accuracy-Generalization Trade-off in Real-World SR.
+
+Zhang, Gu, Chen, Dong, Zhang, Yang, ICML 2023, arXiv:2305.18107. The authors released no code: every choice
+the paper leaves open is ours and tagged [ours]; facts are in ../shared/specs/craft_dist.md.
+
+Idea: given ~100 degraded reference images of the target application, weight the 75 bins of a parametric
+degradation space (blur sigma x noise level x JPEG quality) by the Frechet distance between deep features
+of each bin's synthetic LR images and the references, then train an ordinary SR network with degradations
+sampled from the weighted bins.
+
+Paper map
+    Eq. 2  x = JPEG_q((y * k_sigma)↓s + n_l)      -> degrade, gaussian_kernels_1d, blur_downsample, jpeg
+    Sec. 3.3 binning, P(d) = sum_b p(d|b) p(b)    -> bin_shape, sample_bins, sample_in_bins
+    Eq. 3  Frechet distance of deep features      -> frechet_distance (exact, sample space),
+                                                     frechet_distance_gaussians (scipy sqrtm reference)
+    Eq. 4  bin weights from normalised distances  -> bin_weights
+    Sec. 3.5 feature extractor phi                -> AlexNetPhi (fc7), VGG19Phi (VGG_{2,2} / VGG_{5,4})
+    Tab. 1 test settings 1-4                      -> SETTINGS, evaluate_settings
+    Tab. 2 SRResNet / RRDB backbones              -> MSRResNet, RRDBNet
+    "weights" stage (Sec. 3.4)                    -> compute_weights (CLI `weights`)
+    SR training with crafted weights              -> train_sr (CLI `train`)
+
+Deviations / choices (all [ours] or [DEV]; README lists the [DEV] ones)
+    [DEV] SR network = BasicSR's MSRResNet (no BatchNorm), L1 + BasicSR train_MSRResNet_x4 recipe (the paper
+          gives no recipe); 288 HR crops (72 LR, the paper's reference size).
+    [DEV] phi defaults to a randomly initialised AlexNet (seed 0): ImageNet weights cannot be downloaded
+          offline; pass them with --phi-weights (torchvision keys). The paper's default is ImageNet AlexNet.
+    [DEV] training degradations are applied in the main process (blur/resize/noise batched on the training
+          device, JPEG per sample through Pillow), not in data workers, so --resume is exact.
+    [ours] kernel 31x31, separable; MATLAB bicubic ↓4; colour noise (--gray-noise flag); Pillow JPEG 4:2:0;
+          flat bin index b = (i_sigma * n_l + i_l) * n_q + i_q (= 15 i_sigma + 3 i_l + i_q), stored in weights.json.
+    Not implemented: phi = DASR / a kdsr.py or redsr.py degradation encoder; LPIPS.
+
+Usage
+    python craft_dist.py refs --clean-dir photos/ --setting 3 --out-dir refs3      # synthetic references
+    python craft_dist.py weights --ref-dir refs3 --clean-dir PIPAL/ --alpha 25 --out weights.json
+    python craft_dist.py train --weights weights.json --data-dir DIV2K/train_HR     # omit --weights = baseline
+    python craft_dist.py eval --ckpt runs/craft_dist/sr/last.pt --data Set5 Set14 --settings 1 2 3 4
+"""
+from __future__ import annotations
+
+import argparse, dataclasses, functools, io, json, math, time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+
+SCRIPT = "craft_dist"
+
+
+# ---- 1. Config ------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    # run
+    seed: int = 0                                   # [ours]
+    scale: int = 4                                  # [Sec. 4.1] x4
+    # degradation space [Sec. 3.3]
+    sigma_edges: tuple = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)          # [Sec. 3.3] sigma ~ U[0, 5], 5 bins
+    noise_edges: tuple = (0.0, 10.0, 20.0, 30.0, 40.0, 50.0)     # [Sec. 3.3] l ~ U[0, 50], 5 bins
+    quality_edges: tuple = (30.0, 50.0, 70.0, 90.0)              # [Sec. 3.3] q ~ U[30, 90], 3 bins
+    kernel_size: int = 31                           # [ours] +-15 taps = 3 sigma at sigma = 5
+    gray_noise: bool = False                        # [ours] colour noise by default
+    # weights stage [Sec. 3.4-3.5]
+    phi: str = "alexnet"                            # [Sec. 3.5] AlexNet fc7
+    alpha: float = 25.0                             # [Sec. 4.1]
+    n_clean: int = 100                              # [Sec. 3.5] ~100 images
+    lr_size: int = 72                               # [Sec. 3.5] 72x72 LR (HR crops 288)
+    # model [Tab. 2]
+    arch: str = "msrresnet"                         # [Tab. 2] SRResNet (BasicSR MSRResNet, [DEV]); or "rrdb"
+    num_feat: int = 64                              # [official code] BasicSR MSRResNet / RRDBNet
+    num_block: int = 16                             # [official code] BasicSR MSRResNet
+    rrdb_blocks: int = 23                           # [official code] BasicSR RRDBNet
+    rrdb_growth: int = 32                           # [official code] BasicSR RRDBNet
+    # SR training [ours] BasicSR train_MSRResNet_x4
+    hr_patch: int = 288                             # [ours] LR 72 = the paper's image size
+    batch_size: int = 16                            # [ours] BasicSR
+    steps: int = 1_000_000                          # [ours] BasicSR
+    learning_rate: float = 2e-4                     # [ours] BasicSR
+    betas: tuple = (0.9, 0.99)                      # [ours] BasicSR
+    restart_period: int = 250_000                   # [ours] BasicSR cosine restarts 4 x 250k
+    eta_min: float = 1e-7                           # [ours] BasicSR
+    save_every: int = 5000                          # [ours]
+
+
+PRESETS = {
+    "paper": {},
+    "smoke": {"n_clean": 6, "num_feat": 16, "num_block": 2, "rrdb_blocks": 1, "rrdb_growth": 8,
+              "hr_patch": 64, "batch_size": 2, "steps": 4, "restart_period": 4, "save_every": 2},
+}
+
+
+def make_config(preset: str, **overrides) -> Config:
+    """Paper defaults, then the preset's overrides, then explicit (non-None) overrides."""
+    cfg = dataclasses.replace(Config(), **PRESETS[preset])
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---- 2. Degradation -------------------------------------------------------------------------------------
+# Tab. 1: test distributions ((sigma lo, hi), (l lo, hi), (q lo, hi)), each uniform.
+SETTINGS = {1: ((0.0, 1.0), (0.0, 10.0), (80.0, 90.0)), 2: ((0.5, 1.5), (15.0, 25.0), (75.0, 85.0)),
+            3: ((1.5, 2.5), (5.0, 15.0), (75.0, 85.0)), 4: ((2.5, 3.5), (25.0, 35.0), (65.0, 75.0))}
+
+
+def bin_shape(edges) -> tuple:
+    """(n_sigma, n_l, n_q) bins from the three edge lists; 5 x 5 x 3 = 75 by default [Sec. 3.3]."""
+    return tuple(len(e) - 1 for e in edges)
+
+
+def sample_bins(weights: torch.Tensor, n: int, generator=None) -> torch.Tensor:
+    """b ~ Categorical(w), n draws [Sec. 3.3]."""
+    return torch.multinomial(torch.as_tensor(weights, dtype=torch.float64), n, replacement=True,
+                             generator=generator)
+
+
+def _uniform_params(lo: torch.Tensor, hi: torch.Tensor, generator=None) -> dict:
+    """lo, hi (3, B) -> sigma, l uniform; q uniform then rounded to an integer [Sec. 3.3]."""
+    u = torch.rand(lo.shape, generator=generator, dtype=torch.float64)
+    v = lo + u * (hi - lo)                                                        # (3, B)
+    return {"sigma": v[0].float(), "noise": v[1].float(), "quality": v[2].round().long()}
+
+
+def sample_in_bins(bins: torch.Tensor, edges, generator=None) -> dict:
+    """Uniform inside each bin: b = (i_sigma * n_l + i_l) * n_q + i_q [ours] -> per-sample parameters."""
+    shape = bin_shape(edges)
+    idx = np.unravel_index(bins.numpy(), shape)                                  # row-major = our flat order
+    lo = torch.tensor(np.stack([np.asarray(e, dtype=np.float64)[i] for e, i in zip(edges, idx)]))
+    hi = torch.tensor(np.stack([np.asarray(e, dtype=np.float64)[i + 1] for e, i in zip(edges, idx)]))
+    return _uniform_params(lo, hi, generator)
+
+
+def sample_box(box, n: int, generator=None) -> dict:
+    """n draws from one box of uniform distributions (a Tab. 1 setting)."""
+    lo = torch.tensor([[b[0]] * n for b in box], dtype=torch.float64)
+    hi = torch.tensor([[b[1]] * n for b in box], dtype=torch.float64)
+    return _uniform_params(lo, hi, generator)
+
+
+def gaussian_kernels_1d(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, size) normalised 1-D factors of k(x, y) ∝ exp(-(x² + y²) / 2σ²); σ < 1e-3 -> identity [ours]."""
+    sigma = sigma.double().reshape(-1, 1)
+    x = torch.arange(size, dtype=torch.float64, device=sigma.device) - size // 2
+    k = torch.exp(-x**2 / (2 * sigma.clamp_min(1e-3) ** 2))
+    k = torch.where(sigma < 1e-3, (x == 0).double().expand_as(k), k)
+    return (k / k.sum(dim=1, keepdim=True)).float()
+
+
+def blur_matrices(kernels_1d: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n, n) 1-D blur matrices, PyTorch 'reflect' padding folded in: K[b, i, r(i + t − p)] += k_b[t]."""
+    b, k = kernels_1d.shape
+    if n <= k // 2:
+        raise common.UserError(f"image side {n} is too small for the {k}x{k} blur kernel (reflect padding)")
+    taps = torch.arange(k, device=kernels_1d.device) - k // 2
+    pos = (torch.arange(n, device=kernels_1d.device)[:, None] + taps).abs()
+    pos = torch.where(pos > n - 1, 2 * (n - 1) - pos, pos)                       # (n, k) mirror, edge not repeated
+    mats = torch.zeros(b, n, n, device=kernels_1d.device, dtype=kernels_1d.dtype)
+    return mats.scatter_add_(2, pos.expand(b, n, k), kernels_1d[:, None, :].expand(b, n, k).contiguous())
+
+
+@functools.lru_cache(maxsize=32)
+def resize_matrix(n: int, scale: float, device: str) -> torch.Tensor:
+    """(ceil(n·scale), n) matrix R of common.imresize along one axis, read off the identity basis."""
+    # imresize(x) = R_H x R_Wᵀ; with x_i = e_i 1ᵀ (width 4) and rows of R_W summing to 1 it returns R_H e_i 1ᵀ
+    basis = torch.eye(n, device=device)[:, :, None].expand(n, n, 4).contiguous()  # (n, n, 4)
+    return common.imresize(basis, scale)[..., 0].T.contiguous()                  # (ceil(n·scale), n)
+
+
+def blur_downsample(img: torch.Tensor, kernels_1d: torch.Tensor, scale: int) -> torch.Tensor:
+    """(y ⊗ k_σ)↓s with per-sample separable kernels as two batched matrix products [ours]; equals
+    common.blur (31x31 kernel, reflect padding) followed by common.imresize(1/s), at ~1/10 of the CPU cost."""
+    b, c, h, w = img.shape
+    kernels_1d = kernels_1d.to(img)
+    rows = resize_matrix(h, 1 / scale, str(img.device)) @ blur_matrices(kernels_1d, h)   # (B, h/s, H)
+    cols = resize_matrix(w, 1 / scale, str(img.device)) @ blur_matrices(kernels_1d, w)   # (B, w/s, W)
+    return rows[:, None] @ img @ cols[:, None].transpose(-1, -2)                  # (B, C, H/s, W/s)
+
+
+def jpeg(img: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """JPEG_q per sample through Pillow (libjpeg, default 4:2:0) on 8-bit RGB [Eq. 2]."""
+    arrays = img.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for arr, q in zip(arrays, quality.tolist()):                     # Pillow works on one image at a time
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=int(q))
+        out.append(np.array(Image.open(buf).convert("RGB")))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(img.device).float().div(255)
+
+
+def degrade(img_hr: torch.Tensor, params: dict, scale: int, kernel_size: int, gray_noise: bool = False,
+            generator=None) -> torch.Tensor:
+    """x = JPEG_q((y ⊗ k_σ)↓s + n_l) [Eq. 2]; img_hr (B, 3, H, W) -> (B, 3, H/s, W/s) 8-bit values."""
+    x = blur_downsample(img_hr, gaussian_kernels_1d(params["sigma"], kernel_size), scale)  # (B, 3, h, w)
+    b, c, h, w = x.shape
+    # n_l = l/255 · ε, ε ~ N(0, 1) per pixel (and channel unless gray); drawn on the CPU generator
+    eps = torch.randn((b, 1 if gray_noise else c, h, w), generator=generator).to(x).expand(b, c, h, w)
+    x = common.quantize(x + params["noise"].to(x).reshape(-1, 1, 1, 1) / 255 * eps)
+    return jpeg(x, params["quality"])
+
+
+# ---- 3. Networks ----------------------------------------------------------------------------------------
+class AlexNetPhi(nn.Module):
+    """torchvision AlexNet layout; φ(x) = fc7 after ReLU (4096-d), ImageNet normalisation inside [Sec. 3.5]."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = nn.Sequential(
+            nn.Dropout(0.5), nn.Linear(9216, 4096), nn.ReLU(inplace=True),
+            nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Linear(4096, 1000))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features((x - self.mean) / self.std)                  # (B, 256, 1, 1) at 72x72 input
+        x = torch.flatten(self.avgpool(x), 1)                          # (B, 9216)
+        return self.classifier[:6](x)                                  # (B, 4096) fc7 after ReLU
+
+
+class VGG19Phi(nn.Module):
+    """torchvision VGG19 `features` up to a ReLU (index 8 = VGG_{2,2}, 35 = VGG_{5,4}), global-avg-pooled."""
+
+    CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+
+    def __init__(self, last_index: int):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        layers, c_in = [], 3
+        for v in self.CFG:
+            if len(layers) > last_index:
+                break
+            layers += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(True)]
+            c_in = c_in if v == "M" else v
+        self.features = nn.Sequential(*layers[:last_index + 1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features((x - self.mean) / self.std).mean(dim=(2, 3))    # (B, C)
+
+
+class ResidualBlockNoBN(nn.Module):
+    """conv-ReLU-conv + identity (BasicSR)."""
+
+    def __init__(self, num_feat: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+class MSRResNet(nn.Module):
+    """SRResNet without BN (BasicSR MSRResNet) x4: 1,517,571 parameters at 64 features, 16 blocks [DEV]."""
+
+    def __init__(self, num_feat: int = 64, num_block: int = 16, scale: int = 4):
+        super().__init__()
+        if scale != 4:
+            raise ValueError("MSRResNet is defined here for x4")
+        self.conv_first = nn.Conv2d(3, num_feat, 3, 1, 1)
+        self.body = nn.Sequential(*[ResidualBlockNoBN(num_feat) for _ in range(num_block)])
+        self.upconv1 = nn.Conv2d(num_feat, num_feat * 4, 3, 1, 1)
+        self.upconv2 = nn.Conv2d(num_feat, num_feat * 4, 3, 1, 1)
+        self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_last = nn.Conv2d(num_feat, 3, 3, 1, 1)
+
+    def forward(self, img_lr: torch.Tensor) -> torch.Tensor:
+        act = lambda t: F.leaky_relu(t, 0.1)                                      # noqa: E731
+        feat = self.body(act(self.conv_first(img_lr)))                            # (B, C, h, w)
+        feat = act(F.pixel_shuffle(self.upconv1(feat), 2))                        # (B, C, 2h, 2w)
+        feat = act(F.pixel_shuffle(self.upconv2(feat), 2))                        # (B, C, 4h, 4w)
+        out = self.conv_last(act(self.conv_hr(feat)))                             # (B, 3, 4h, 4w)
+        return out + F.interpolate(img_lr, scale_factor=4, mode="bilinear", align_corners=False)
+
+
+class ResidualDenseBlock(nn.Module):
+    """Five densely connected convs; out = x + 0.2 * conv5 (ESRGAN)."""
+
+    def __init__(self, num_feat: int, growth: int):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3, self.conv4, self.conv5 = (
+            nn.Conv2d(num_feat + i * growth, growth if i < 4 else num_feat, 3, 1, 1) for i in range(5))
+
+    def forward(self, x):
+        feats = [x]
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            feats.append(F.leaky_relu(conv(torch.cat(feats, 1)), 0.2))
+        return x + 0.2 * self.conv5(torch.cat(feats, 1))
+
+
+class RRDB(nn.Module):
+    def __init__(self, num_feat: int, growth: int):
+        super().__init__()
+        self.rdb1, self.rdb2, self.rdb3 = (ResidualDenseBlock(num_feat, growth) for _ in range(3))
+
+    def forward(self, x):
+        return x + 0.2 * self.rdb3(self.rdb2(self.rdb1(x)))
+
+
+class RRDBNet(nn.Module):
+    """ESRGAN generator (BasicSR names) x4: 16,697,987 parameters at 64 features, 23 RRDBs, growth 32."""
+
+    def __init__(self, num_feat: int = 64, num_block: int = 23, growth: int = 32):
+        super().__init__()
+        self.conv_first = nn.Conv2d(3, num_feat, 3, 1, 1)
+        self.body = nn.Sequential(*[RRDB(num_feat, growth) for _ in range(num_block)])
+        self.conv_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_last = nn.Conv2d(num_feat, 3, 3, 1, 1)
+
+    def forward(self, img_lr: torch.Tensor) -> torch.Tensor:
+        act = lambda t: F.leaky_relu(t, 0.2)                                      # noqa: E731
+        feat = self.conv_first(img_lr)                                            # (B, C, h, w)
+        feat = feat + self.conv_body(self.body(feat))
+        feat = act(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        feat = act(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        return self.conv_last(act(self.conv_hr(feat)))                            # (B, 3, 4h, 4w)
+
+
+def build_sr(cfg: Config) -> nn.Module:
+    """The SR network named by the config (MSRResNet or RRDBNet)."""
+    if cfg.scale != 4:
+        raise common.UserError(f"only x4 is implemented (the paper's setting), not x{cfg.scale}")
+    if cfg.arch == "msrresnet":
+        return MSRResNet(cfg.num_feat, cfg.num_block)
+    if cfg.arch == "rrdb":
+        return RRDBNet(cfg.num_feat, cfg.rrdb_blocks, cfg.rrdb_growth)
+    raise common.UserError(f"unknown arch '{cfg.arch}'; expected msrresnet or rrdb")
+
+
+# ---- 4. Losses ------------------------------------------------------------------------------------------
+def frechet_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> float:
+    """Squared Fréchet distance of Gaussian fits to two feature sets (n_a, c), (n_b, c) [Eq. 3].
+
+    Exact for singular covariances (n < c), computed in sample space in float64 [ours]:
+    tr((Σ_a Σ_b)^½) = ‖A Bᵀ‖_* / √((n_a − 1)(n_b − 1)) with A, B the centred feature matrices.
+    """
+    a, b = feat_a.double(), feat_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)                                             # (c,)
+    A, B = a - mu_a, b - mu_b                                                     # (n_a, c), (n_b, c)
+    # tr Σ = ‖A‖_F² / (n − 1)   (unbiased covariance, ddof 1)
+    tr_a, tr_b = A.pow(2).sum() / (len(a) - 1), B.pow(2).sum() / (len(b) - 1)
+    tr_sqrt = torch.linalg.svdvals(A @ B.T).sum() / math.sqrt((len(a) - 1) * (len(b) - 1))
+    # D = ‖μ_a − μ_b‖² + tr Σ_a + tr Σ_b − 2 tr((Σ_a^½ Σ_b Σ_a^½)^½)
+    dist = (mu_a - mu_b).pow(2).sum() + tr_a + tr_b - 2 * tr_sqrt
+    return max(float(dist), 0.0)
+
+
+def frechet_distance_gaussians(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Reference path (pytorch-fid recipe): scipy sqrtm of Σ1 Σ2, ε·I added if not finite, real part [Eq. 3]."""
+    mu1, mu2, sigma1, sigma2 = (np.asarray(v, dtype=np.float64) for v in (mu1, mu2, sigma1, sigma2))
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = eps * np.eye(len(sigma1))
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def bin_weights(distances, alpha: float) -> torch.Tensor:
+    """w_i = (exp((1 − D_norm,i)^α) − 1) / Σ_j (exp((1 − D_norm,j)^α) − 1), D min-max normalised [Eq. 4]"""
+    d = torch.as_tensor(distances, dtype=torch.float64)
+    span = d.max() - d.min()
+    if span <= 0:                                                   # all bins equally far -> uniform [ours]
+        return torch.full_like(d, 1 / len(d))
+    d_norm = (d - d.min()) / span
+    numer = torch.exp((1 - d_norm) ** alpha) - 1                   # α = 0: 0⁰ = 1 -> every bin e − 1
+    return numer / numer.sum()
+
+
+# ---- 5. Training ----------------------------------------------------------------------------------------
+def clean_crops(dirs, n: int, crop: int, seed: int) -> torch.Tensor:
+    """Y_w: n HR crops (n, 3, crop, crop), cycling over the images, positions from a fixed seed [Sec. 3.4]."""
+    files = common.list_images(dirs)
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(n):
+        img = common.load_uint8(files[i % len(files)])
+        if min(img.shape[:2]) < crop:
+            raise common.UserError(f"{files[i % len(files)]} is {img.shape[0]}x{img.shape[1]}, smaller than "
+                                   f"the {crop}x{crop} clean crop (= {crop // 4} LR x 4)")
+        top, left = rng.integers(img.shape[0] - crop + 1), rng.integers(img.shape[1] - crop + 1)
+        crops.append(torch.from_numpy(np.ascontiguousarray(img[top:top + crop, left:left + crop])))
+    return torch.stack(crops).permute(0, 3, 1, 2).float().div(255)
+
+
+def load_references(ref_dir, size: int) -> torch.Tensor:
+    """X_ref: every image centre-cropped to size x size -> (n, 3, size, size) [Sec. 3.5]."""
+    imgs = []
+    for path in common.list_images(ref_dir):
+        img = common.load_uint8(path)
+        if min(img.shape[:2]) < size:
+            raise common.UserError(f"reference {path} is {img.shape[0]}x{img.shape[1]}; need at least {size}x{size}")
+        top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+        imgs.append(torch.from_numpy(np.ascontiguousarray(img[top:top + size, left:left + size])))
+    if len(imgs) < 2:
+        raise common.UserError(f"need at least 2 reference images in {ref_dir} (the paper uses ~100)")
+    return torch.stack(imgs).permute(0, 3, 1, 2).float().div(255)
+
+
+@torch.no_grad()
+def features(phi: nn.Module, imgs: torch.Tensor, device, chunk: int = 64) -> torch.Tensor:
+    """φ(x) for a stack of images, in eval mode (dropout off), float64 on the CPU: (n, c)."""
+    phi.eval()
+    return torch.cat([phi(imgs[i:i + chunk].to(device)).double().cpu() for i in range(0, len(imgs), chunk)])
+
+
+def bin_seed(seed: int, b: int) -> int:
+    """Fixed generator seed per bin so the 75 synthetic sets are reproducible [ours]."""
+    return common.eval_seed(f"craft_dist/seed{seed}/bin{b}")
+
+
+def bin_distances(phi, img_clean: torch.Tensor, feat_ref: torch.Tensor, cfg: Config, device) -> torch.Tensor:
+    """D_b = FD(φ(X_w^b), φ(X_ref)) for every bin b; X_w^b = D(Y_w, p(d|b)) [Eq. 3, Sec. 3.4]."""
+    edges = (cfg.sigma_edges, cfg.noise_edges, cfg.quality_edges)
+    n_bins, start = math.prod(bin_shape(edges)), time.perf_counter()
+    dist = torch.zeros(n_bins, dtype=torch.float64)
+    for b in range(n_bins):
+        gen = torch.Generator().manual_seed(bin_seed(cfg.seed, b))
+        params = sample_in_bins(torch.full((len(img_clean),), b), edges, gen)
+        img_lr = degrade(img_clean.to(device), params, cfg.scale, cfg.kernel_size, cfg.gray_noise, gen)
+        dist[b] = frechet_distance(features(phi, img_lr, device), feat_ref)
+        if (b + 1) % 15 == 0:
+            print(f"  bins {b + 1}/{n_bins} ({time.perf_counter() - start:.1f}s)", flush=True)
+    return dist
+
+
+def compute_weights(ref_dir, clean_dirs, cfg: Config, phi_weights=None, device="cpu") -> dict:
+    """The `weights` stage: references + clean set -> distances -> weights [Sec. 3.4, Eq. 3-4]."""
+    img_ref = load_references(ref_dir, cfg.lr_size)                             # (n_ref, 3, 72, 72)
+    img_clean = clean_crops(clean_dirs, cfg.n_clean, cfg.lr_size * cfg.scale, cfg.seed)   # (n, 3, 288, 288)
+    phi = build_phi(cfg.phi, phi_weights).to(device)
+    feat_ref = features(phi, img_ref, device)
+    dist = bin_distances(phi, img_clean, feat_ref, cfg, device)
+    weights = bin_weights(dist, cfg.alpha)
+    return {"weights": weights.tolist(), "distances": dist.tolist(), "alpha": cfg.alpha,
+            "sigma_edges": list(cfg.sigma_edges), "noise_edges": list(cfg.noise_edges),
+            "quality_edges": list(cfg.quality_edges), "shape": list(bin_shape(
+                (cfg.sigma_edges, cfg.noise_edges, cfg.quality_edges))),
+            "index_order": "b = (i_sigma * n_noise + i_noise) * n_quality + i_quality",
+            "phi": cfg.phi, "phi_weights": str(phi_weights) if phi_weights else None, "seed": cfg.seed,
+            "n_clean": cfg.n_clean, "n_ref": len(feat_ref)}
+
+
+def save_heatmap(weights, shape, path, cell: int = 24, gap: int = 8) -> None:
+    """One 5x5 heat map per q bin (rows σ, columns l; dark = 0, yellow = max weight) [Fig. 4 style]."""
+    w = np.asarray(weights, dtype=np.float64).reshape(shape)                     # (n_σ, n_l, n_q)
+    t = w / max(w.max(), 1e-12)
+    anchors = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+    pos = t * (len(anchors) - 1)
+    lo = np.floor(pos).clip(0, len(anchors) - 2).astype(int)
+    rgb = anchors[lo] + (pos - lo)[..., None] * (anchors[lo + 1] - anchors[lo])  # (n_σ, n_l, n_q, 3)
+    panels = [np.kron(rgb[:, :, q], np.ones((cell, cell, 1))) for q in range(shape[2])]
+    spacer = np.full((shape[0] * cell, gap, 3), 255.0)
+    canvas = np.concatenate([x for p in panels for x in (p, spacer)][:-1], axis=1)
+    Image.fromarray(canvas.round().astype(np.uint8)).save(path)
+
+
+def load_weights_file(path) -> dict:
+    """weights.json -> dict with a checked 'weights' list and the edges it was made with."""
+    try:
+        data = json.loads(Path(path).read_text())
+        edges = (data["sigma_edges"], data["noise_edges"], data["quality_edges"])
+        w = torch.tensor(data["weights"], dtype=torch.float64)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise common.UserError(f"cannot read weights file {path}: {err}") from None
+    if len(w) != math.prod(bin_shape(edges)) or (w < 0).any() or not math.isclose(float(w.sum()), 1, abs_tol=1e-6):
+        raise common.UserError(f"{path}: need {math.prod(bin_shape(edges))} non-negative weights summing to 1")
+    return {"weights": w, "edges": edges}
+
+
+def make_sampler(cfg: Config, weights_path=None, oracle_setting=None):
+    """(n, generator) -> params: crafted bins (weights file), uniform bins (baseline), or a Tab. 1 box."""
+    if oracle_setting is not None:                                  # "upper bound": train on the test setting
+        return lambda n, g: sample_box(SETTINGS[oracle_setting], n, g), {"oracle_setting": oracle_setting}
+    if weights_path is not None:
+        spec = load_weights_file(weights_path)
+    else:                                                            # uniform bins = uniform space (baseline)
+        edges = (cfg.sigma_edges, cfg.noise_edges, cfg.quality_edges)
+        n_bins = math.prod(bin_shape(edges))
+        spec = {"weights": torch.full((n_bins,), 1 / n_bins, dtype=torch.float64), "edges": edges}
+    sampler = lambda n, g: sample_in_bins(sample_bins(spec["weights"], n, g), spec["edges"], g)  # noqa: E731
+    return sampler, {"weights": spec["weights"].tolist(), "edges": [list(e) for e in spec["edges"]]}
+
+
+def cosine_restart_factor(step: int, period: int, eta_ratio: float) -> float:
+    """lr(t)/lr0 = η + ½(1 − η)(1 + cos(π (t mod P) / P)), BasicSR CosineAnnealingRestartLR [ours]."""
+    return eta_ratio + 0.5 * (1 - eta_ratio) * (1 + math.cos(math.pi * (step % period) / period))
+
+
+def train_step_lr(img_hr, sampler, step: int, cfg: Config, rank: int) -> torch.Tensor:
+    """Per-sample degradations for one step from a generator seeded by (seed, step, rank): exact --resume."""
+    gen = torch.Generator().manual_seed(common.eval_seed(f"craft_dist/train/{cfg.seed}/{step}/{rank}"))
+    params = sampler(len(img_hr), gen)
+    return degrade(img_hr, params, cfg.scale, cfg.kernel_size, cfg.gray_noise, gen)   # (B, 3, P/4, P/4)
+
+
+def train_sr(cfg: Config, args) -> Path:
+    """Train MSRResNet/RRDBNet with L1 on degradations drawn from the crafted bins (stage `sr`)."""
+    device = common.pick_device(args.device)
+    dist = common.ddp_setup(device)
+    common.seed_everything(cfg.seed)
+    out_dir = Path(args.out_dir or f"runs/{SCRIPT}/sr")
+    sampler, provenance = make_sampler(cfg, args.weights, args.oracle_setting)
+    net = build_sr(cfg).to(device)
+    net = net.to(memory_format=torch.channels_last) if args.channels_last and device.type == "cuda" else net
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.betas))
+    eta_ratio = cfg.eta_min / cfg.learning_rate
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_restart_factor(s, cfg.restart_period, eta_ratio))
+    start = 0
+    if args.resume:
+        ckpt = common.load_checkpoint(out_dir / "last.pt" if args.resume == "last" else args.resume,
+                                      SCRIPT, ("sr",), device)
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        common.set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+    model = common.wrap_ddp(net, dist)
+    data = common.HRPatches(args.data_dir, cfg.hr_patch)
+    batches = common.infinite_batches(data, cfg.batch_size, device, seed=cfg.seed, start_step=start,
+                                      workers=args.workers, dist=dist)
+    log = common.RunLog(out_dir, cfg.steps, enabled=dist.is_main, start_step=start)
+    for step in range(start + 1, cfg.steps + 1):
+        img_hr = next(batches)                                                    # (B, 3, P, P)
+        img_lr = train_step_lr(img_hr, sampler, step, cfg, dist.rank)            # (B, 3, P/4, P/4)
+        with common.autocast(device, args.amp):
+            img_sr = model(img_lr)
+        loss = F.l1_loss(img_sr.float(), img_hr)                                  # L1 [ours] BasicSR
+        if not torch.isfinite(loss):
+            raise common.UserError(f"non-finite loss at step {step}; last good checkpoint: {out_dir / 'last.pt'}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % args.log_every == 0 or step == cfg.steps:
+            log.log(step, "sr", loss=float(common.all_reduce_mean(loss.detach(), dist)),
+                    lr=scheduler.get_last_lr()[0])
+        if dist.is_main and (step % cfg.save_every == 0 or step == cfg.steps):
+            common.save_checkpoint(out_dir / "last.pt", {
+                "script": SCRIPT, "stage": "sr", "step": step, "config": dataclasses.asdict(cfg),
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": common.rng_state(), **provenance})
+    common.ddp_teardown(dist)
+    return out_dir / "last.pt"
+
+
+# ---- 6. Evaluation --------------------------------------------------------------------------------------
+def psnr_rgb(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
+    """PSNR on RGB 0-255 after shaving the border (the paper does not say Y or RGB) [ours]."""
+    diff = (sr.astype(np.float64) - hr.astype(np.float64))[shave:-shave or None, shave:-shave or None]
+    mse = float(np.mean(diff**2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def setting_lr(img_hr: np.ndarray, setting: int, key: str, cfg: Config) -> torch.Tensor:
+    """One deterministic degradation from a Tab. 1 setting, seeded by "{set}/{stem}/setting{k}" [P §1.5]."""
+    gen = torch.Generator().manual_seed(common.eval_seed(f"{key}/setting{setting}/0"))
+    hr = torch.from_numpy(np.ascontiguousarray(img_hr)).permute(2, 0, 1)[None].float().div(255)
+    return degrade(hr, sample_box(SETTINGS[setting], 1, gen), cfg.scale, cfg.kernel_size, cfg.gray_noise, gen)
+
+
+@torch.no_grad()
+def evaluate_settings(sr_fns: dict, data, settings, cfg: Config, root, device, save_dir=None, limit=None):
+    """{method: rows} over images x Tab. 1 settings; every method sees the same LR images [Tab. 2]."""
+    set_name, files = common.find_benchmark(data, root)
+    rows = {name: [] for name in sr_fns}
+    for path in files[:limit]:
+        img_hr = common.modcrop(common.load_uint8(path), cfg.scale)
+        for k in settings:
+            img_lr = setting_lr(img_hr, k, f"{set_name}/{path.stem}", cfg).to(device)
+            for name, sr_fn in sr_fns.items():
+                img_sr = common.to_uint8(sr_fn(img_lr))
+                if img_sr.shape != img_hr.shape:
+                    raise common.UserError(f"output {img_sr.shape[:2]} != HR {img_hr.shape[:2]} for {path.name}")
+                rows[name].append({"set": set_name, "image": path.stem, "degradation": f"setting{k}",
+                                   "psnr": common.psnr_y(img_sr, img_hr, cfg.scale),
+                                   "ssim": common.ssim_y(img_sr, img_hr, cfg.scale),
+                                   "psnr_rgb": psnr_rgb(img_sr, img_hr, cfg.scale)})
+                if save_dir is not None and name == "method":
+                    common.save_image(img_sr, Path(save_dir) / set_name / f"setting{k}" / f"{path.stem}.png")
+    return rows
+
+
+def summarize_rgb(rows) -> list[dict]:
+    """common.summarize rows plus the RGB PSNR mean of each group."""
+    summary = common.summarize(rows)
+    for row in summary:
+        group = [r["psnr_rgb"] for r in rows if r["set"] == row["set"]
+                 and row["degradation"] in ("mean", r["degradation"])]
+        row["psnr_rgb"] = float(np.mean(group))
+    return summary
+
+
+def load_sr_for_eval(args, device) -> tuple[nn.Module, str]:
+    """Our checkpoint (network rebuilt from its config) or a BasicSR .pth (--official-weights)."""
+    if args.official_weights:
+        return load_basicsr_sr(args.official_weights).to(device).eval(), Path(args.official_weights).stem
+    if not args.ckpt:
+        raise common.UserError("eval needs --ckpt (a train checkpoint) or --official-weights (a BasicSR .pth)")
+    ckpt = common.load_checkpoint(args.ckpt, SCRIPT, ("sr",), device)
+    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__})
+    net = build_sr(cfg).to(device)
+    net.load_state_dict(ckpt["model"])
+    return net.eval(), f"{SCRIPT} {cfg.arch} step {ckpt['step']}"
+
+
+def run_eval(args) -> None:
+    """Tab. 1 settings (default) or a common protocol (--settings with no value); bicubic reference row."""
+    device = common.pick_device(args.device)
+    net, title = load_sr_for_eval(args, device)
+    cfg = make_config("paper", scale=args.scale)
+    out_dir = Path(args.out_dir or f"runs/{SCRIPT}/eval")
+    sr_fns = {"method": lambda img_lr: net(img_lr).clamp(0, 1), "bicubic": common.bicubic_sr(args.scale)}
+    for data in args.data:
+        save_dir = out_dir / "images" if args.save_images else None
+        if args.settings:
+            rows = evaluate_settings(sr_fns, data, args.settings, cfg, args.data_root, device, save_dir, args.limit)
+        else:
+            rows = {name: common.run_benchmark(fn, data, args.protocol, args.scale, args.data_root, device,
+                                               save_dir if name == "method" else None, args.limit)
+                    for name, fn in sr_fns.items()}
+        for name, label in (("bicubic", "bicubic"), ("method", title)):
+            summary = summarize_rgb(rows[name]) if args.settings else common.summarize(rows[name])
+            common.print_table(summary, f"{label} ({data})")
+            if args.settings:
+                print("RGB PSNR: " + ", ".join(f"{r['degradation']} {r['psnr_rgb']:.4f}" for r in summary))
+            common.write_results(out_dir, summary, label)
+    print(f"results in {out_dir}/results.md")
+
+
+# ---- 7. Official weights --------------------------------------------------------------------------------
+def strict_load(module: nn.Module, state: dict, source, ignore_prefixes=()) -> nn.Module:
+    """load_state_dict with one clear error naming missing, unexpected and mis-shaped keys (first few)."""
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_prefixes))}
+    ours = module.state_dict()
+    missing = [k for k in ours if k not in state]
+    extra = [k for k in state if k not in ours]
+    shapes = [f"{k} {tuple(state[k].shape)} vs ours {tuple(ours[k].shape)}"
+              for k in ours if k in state and tuple(state[k].shape) != tuple(ours[k].shape)]
+    problems = [f"{name} ({len(keys)}): {', '.join(keys[:4])}"
+                for name, keys in (("missing", missing), ("unexpected", extra), ("shape mismatch", shapes)) if keys]
+    if problems:
+        raise common.UserError(f"{source} does not match {type(module).__name__}: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def _read_state_dict(path, wrappers=("state_dict", "params_ema", "params", "model")) -> dict:
+    """A plain tensor dict from a .pth, unwrapping one level of the usual container keys."""
+    if not Path(path).is_file():
+        raise common.UserError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise common.UserError(f"cannot read weights file {path}: {type(err).__name__}: {err}") from None
+    for key in wrappers:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise common.UserError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def build_phi(name: str, weights_path=None) -> nn.Module:
+    """φ by name; torchvision-keyed weights from --phi-weights (strict), else random init with seed 0."""
+    state = _read_state_dict(weights_path) if weights_path is not None else None   # fail fast on a bad file
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)                                        # alexnet-random: seed 0 [ours]
+        if name == "alexnet":
+            phi, ignore = AlexNetPhi(), ()
+        elif name in ("vgg19-2_2", "vgg19-5_4"):
+            last = 8 if name == "vgg19-2_2" else 35
+            phi = VGG19Phi(last)
+            ignore = ("classifier.",) + tuple(f"features.{i}." for i in range(last + 1, 37))
+        else:
+            raise common.UserError(f"unknown phi '{name}'; expected alexnet, vgg19-2_2 or vgg19-5_4")
+    if state is not None:
+        strict_load(phi, state, weights_path, ignore)
+    elif name != "alexnet":
+        print(f"warning: {name} without --phi-weights is randomly initialised", flush=True)
+    return phi.eval()
+
+
+def load_basicsr_sr(path) -> nn.Module:
+    """A BasicSR MSRResNet_x4 / RRDBNet_x4 .pth ({'params': ...}): architecture read off the keys, strict."""
+    state = _read_state_dict(path)
+    if "conv_first.weight" not in state:
+        raise common.UserError(f"{path} is not a BasicSR MSRResNet/RRDBNet state dict (no conv_first.weight)")
+    num_feat = state["conv_first.weight"].shape[0]
+    blocks = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("body.")), default=-1)
+    if "body.0.rdb1.conv1.weight" in state:
+        growth = state["body.0.rdb1.conv1.weight"].shape[0]
+        return strict_load(RRDBNet(num_feat, blocks, growth), state, path)
+    return strict_load(MSRResNet(num_feat, blocks), state, path)
+
+
+# ---- 8. CLI ---------------------------------------------------------------------------------------------
+def run_weights(args) -> None:
+    """`weights`: write weights.json (weights, distances, edges, order) and a heat-map PNG."""
+    cfg = make_config(args.preset, seed=args.seed, alpha=args.alpha, phi=args.phi, n_clean=args.n_clean,
+                      sigma_edges=_edges(args.sigma_edges), noise_edges=_edges(args.noise_edges),
+                      quality_edges=_edges(args.quality_edges))
+    result = compute_weights(args.ref_dir, args.clean_dir, cfg, args.phi_weights, common.pick_device(args.device))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    save_heatmap(result["weights"], result["shape"], out.with_suffix(".png"))
+    top = np.argsort(result["weights"])[::-1][:5]
+    coords = [tuple(int(i) for i in np.unravel_index(b, result["shape"])) for b in top]
+    print("top bins (i_sigma, i_l, i_q): "
+          + ", ".join(f"{c} {result['weights'][b]:.3f}" for c, b in zip(coords, top)))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _edges(values):
+    if values is not None and (len(values) < 2 or any(b <= a for a, b in zip(values, values[1:]))):
+        raise common.UserError(f"bin edges must be at least two increasing numbers, got {values}")
+    return tuple(values) if values is not None else None
+
+
+def run_refs(args) -> None:
+    """`refs`: synthesise reference LR images (72x72) from a Tab. 1 setting or one bin [Sec. 4.1]."""
+    cfg = make_config(args.preset, seed=args.seed)
+    img_clean = clean_crops(args.clean_dir, args.n, cfg.lr_size * cfg.scale, cfg.seed + 1)
+    gen = torch.Generator().manual_seed(common.eval_seed(f"craft_dist/refs/{cfg.seed}"))
+    if args.bin is not None:
+        b = int(np.ravel_multi_index(args.bin, bin_shape((cfg.sigma_edges, cfg.noise_edges, cfg.quality_edges))))
+        params = sample_in_bins(torch.full((args.n,), b), (cfg.sigma_edges, cfg.noise_edges, cfg.quality_edges), gen)
+    else:
+        params = sample_box(SETTINGS[args.setting], args.n, gen)
+    img_lr = degrade(img_clean, params, cfg.scale, cfg.kernel_size, cfg.gray_noise, gen)
+    for i, img in enumerate(img_lr):
+        common.save_image(img, Path(args.out_dir) / f"ref{i:04d}.png")
+    print(f"wrote {len(img_lr)} references to {args.out_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("weights", help="bin weights from reference LR images [Sec. 3.4]")
+    w.add_argument("--ref-dir", required=True, help="real (or synthetic) degraded LR images, >= 72x72")
+    w.add_argument("--clean-dir", required=True, nargs="+", help="clean HR images Y_w (>= 288x288)")
+    w.add_argument("--out", default=f"runs/{SCRIPT}/weights/weights.json", help="also writes <out>.png")
+    w.add_argument("--alpha", type=float, default=None, help="Eq. 4 exponent (paper 25; 0 = uniform)")
+    w.add_argument("--phi", choices=["alexnet", "vgg19-2_2", "vgg19-5_4"], default=None)
+    w.add_argument("--phi-weights", default=None, help="torchvision state dict for φ (random AlexNet if absent)")
+    w.add_argument("--n-clean", type=int, default=None, help="number of clean 288x288 crops (paper ~100)")
+    for name in ("sigma", "noise", "quality"):
+        w.add_argument(f"--{name}-edges", type=float, nargs="+", default=None)
+    r = sub.add_parser("refs", help="synthesise reference LR images from a Tab. 1 setting or a bin")
+    r.add_argument("--clean-dir", required=True, nargs="+")
+    r.add_argument("--out-dir", required=True)
+    group = r.add_mutually_exclusive_group(required=True)
+    group.add_argument("--setting", type=int, choices=sorted(SETTINGS))
+    group.add_argument("--bin", type=int, nargs=3, metavar=("I_SIGMA", "I_L", "I_Q"))
+    r.add_argument("--n", type=int, default=100)
+    t = sub.add_parser("train", help="train the SR network with crafted (or uniform) degradations")
+    t.add_argument("--stage", choices=["sr"], default="sr")
+    t.add_argument("--data-dir", required=True, nargs="+", help="HR training folders (DIV2K train)")
+    source = t.add_mutually_exclusive_group()
+    source.add_argument("--weights", default=None, help="weights.json from `weights` (omit = uniform baseline)")
+    source.add_argument("--oracle-setting", type=int, choices=sorted(SETTINGS), help="upper bound: train on Tab. 1")
+    t.add_argument("--arch", choices=["msrresnet", "rrdb"], default=None)
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--save-every", type=int, default=None)
+    t.add_argument("--gray-noise", action=argparse.BooleanOptionalAction, default=None)
+    t.add_argument("--resume", nargs="?", const="last", default=None, help="checkpoint (default <out-dir>/last.pt)")
+    common.add_run_args(t)
+    e = sub.add_parser("eval", help="evaluate on Tab. 1 settings or a common protocol, plus bicubic")
+    e.add_argument("--ckpt", default=None)
+    e.add_argument("--official-weights", default=None, help="BasicSR MSRResNet/RRDBNet x4 .pth")
+    e.add_argument("--settings", type=int, nargs="*", choices=sorted(SETTINGS), default=[1, 2, 3, 4],
+                   help="Tab. 1 settings; give the flag with no value to use --protocol instead")
+    common.add_eval_args(e)
+    common.add_run_args(e)
+    for p in (w, r, t):
+        p.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+    for p in (w, r):
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--seed", type=int, default=None)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "weights":
+            run_weights(args)
+        elif args.command == "refs":
+            run_refs(args)
+        elif args.command == "train":
+            cfg = make_config(args.preset, seed=args.seed, arch=args.arch, steps=args.steps,
+                              batch_size=args.batch_size, save_every=args.save_every, gray_noise=args.gray_noise)
+            train_sr(cfg, args)
+        else:
+            run_eval(args)
+    except common.UserError as err:
+        raise SystemExit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""craft_dist.py: Fréchet distance, Eq. 4 weights, bin sampling, Eq. 2 degradation, φ loader, CLI end to end."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from PIL import Image
+
+import common
+import craft_dist as cd
+from conftest import synthetic_image
+
+EDGES = (cd.Config.sigma_edges, cd.Config.noise_edges, cd.Config.quality_edges)
+SHAPE = (5, 5, 3)
+# torchvision AlexNet state dict (independent of our module definition)
+ALEXNET_SHAPES = {"features.0.weight": (64, 3, 11, 11), "features.0.bias": (64,),
+                  "features.3.weight": (192, 64, 5, 5), "features.3.bias": (192,),
+                  "features.6.weight": (384, 192, 3, 3), "features.6.bias": (384,),
+                  "features.8.weight": (256, 384, 3, 3), "features.8.bias": (256,),
+                  "features.10.weight": (256, 256, 3, 3), "features.10.bias": (256,),
+                  "classifier.1.weight": (4096, 9216), "classifier.1.bias": (4096,),
+                  "classifier.4.weight": (4096, 4096), "classifier.4.bias": (4096,),
+                  "classifier.6.weight": (1000, 4096), "classifier.6.bias": (1000,)}
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def img_stack(seeds, size):
+    return torch.stack([torch.from_numpy(synthetic_image(s, size, size)) for s in seeds]).permute(0, 3, 1, 2) / 255.0
+
+
+@pytest.fixture(scope="module")
+def alexnet():
+    """The random-init AlexNet φ (seed 0), built once: 61 M parameters take a while to initialise."""
+    return cd.build_phi("alexnet")
+
+
+# ---- networks --------------------------------------------------------------------------------------------
+def test_parameter_counts_and_shapes(alexnet):
+    alex = alexnet
+    assert n_params(cd.MSRResNet()) == 1_517_571
+    assert n_params(cd.RRDBNet()) == 16_697_987
+    assert n_params(alex) == 61_100_840
+    assert n_params(cd.VGG19Phi(35)) == 20_024_384
+    with torch.no_grad():
+        assert alex(torch.rand(2, 3, 72, 72)).shape == (2, 4096)
+        assert cd.VGG19Phi(8)(torch.rand(2, 3, 72, 72)).shape == (2, 128)
+        assert cd.MSRResNet(16, 2)(torch.rand(1, 3, 12, 10)).shape == (1, 3, 48, 40)
+        assert cd.RRDBNet(16, 1, 8)(torch.rand(1, 3, 12, 10)).shape == (1, 3, 48, 40)
+    # random φ is fixed by seed 0 and does not disturb the global RNG
+    state = torch.get_rng_state()
+    vgg = cd.build_phi("vgg19-2_2")
+    assert torch.equal(vgg.features[0].weight, cd.build_phi("vgg19-2_2").features[0].weight)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---- Fréchet distance [Eq. 3] ----------------------------------------------------------------------------
+def features_with_diag_cov(n, variances, mean, seed):
+    """n samples whose unbiased sample covariance is exactly diag(variances) and mean exactly `mean`."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, len(variances)))
+    q, _ = np.linalg.qr(x - x.mean(0))                     # orthonormal columns, each orthogonal to 1
+    return torch.tensor(q * np.sqrt(np.asarray(variances) * (n - 1)) + mean)
+
+
+def test_frechet_identical_is_zero():
+    feats = torch.randn(30, 60, generator=torch.Generator().manual_seed(0))
+    assert cd.frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-9)
+    mu, cov = feats.double().mean(0).numpy(), np.cov(feats.double().numpy(), rowvar=False)
+    assert cd.frechet_distance_gaussians(mu, cov, mu, cov) == pytest.approx(0.0, abs=1e-7 * np.trace(cov))
+
+
+def test_frechet_diagonal_closed_form():
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    mu_a, mu_b = rng.normal(size=6), rng.normal(size=6)
+    closed = ((mu_a - mu_b) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert cd.frechet_distance_gaussians(mu_a, np.diag(a), mu_b, np.diag(b)) == pytest.approx(closed, rel=1e-10)
+    fa, fb = features_with_diag_cov(40, a, mu_a, 2), features_with_diag_cov(30, b, mu_b, 3)
+    assert cd.frechet_distance(fa, fb) == pytest.approx(closed, rel=1e-9)
+
+
+@pytest.mark.parametrize("n,c", [(80, 12), (20, 60)])
+def test_frechet_sample_space_matches_sqrtm(n, c):
+    gen = torch.Generator().manual_seed(c)
+    fa = torch.randn(n, c, generator=gen).double() @ torch.randn(c, c, generator=gen).double() * 0.3
+    fb = torch.randn(n + 5, c, generator=gen).double() + 0.5
+    ref = cd.frechet_distance_gaussians(fa.mean(0), np.cov(fa.numpy(), rowvar=False),
+                                        fb.mean(0), np.cov(fb.numpy(), rowvar=False))
+    assert cd.frechet_distance(fa, fb) == pytest.approx(ref, rel=1e-5)
+
+
+def test_frechet_rank_deficient_is_finite_and_real(alexnet):
+    with torch.no_grad():
+        fa, fb = alexnet(torch.rand(6, 3, 72, 72)), alexnet(torch.rand(9, 3, 72, 72) * 0.5)  # n << c = 4096
+    d = cd.frechet_distance(fa, fb)
+    assert isinstance(d, float) and math.isfinite(d) and d > 0
+    # zero covariance on one side (all rows identical): D = ‖Δμ‖² + tr Σ_b exactly
+    same = fa[:1].repeat(5, 1)
+    expect = float((same[0].double() - fb.double().mean(0)).pow(2).sum() + fb.double().var(0).sum())
+    assert cd.frechet_distance(same, fb) == pytest.approx(expect, rel=1e-9)
+
+
+# ---- weights [Eq. 4] -------------------------------------------------------------------------------------
+def test_weights_properties():
+    d = torch.rand(75, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 7 + 2
+    entropies = []
+    for alpha in (0, 1, 5, 25, 100):
+        w = cd.bin_weights(d, alpha)
+        assert float(w.sum()) == pytest.approx(1.0, abs=1e-12) and bool((w >= 0).all())
+        entropies.append(float(-(w[w > 0] * w[w > 0].log()).sum()))
+        if alpha > 0:
+            assert int(w.argmax()) == int(d.argmin()) and float(w[d.argmax()]) == 0.0
+    assert torch.allclose(cd.bin_weights(d, 0), torch.full((75,), 1 / 75, dtype=torch.float64))
+    assert entropies[0] == pytest.approx(math.log(75)) and all(np.diff(entropies) < 0)
+    assert torch.allclose(cd.bin_weights(torch.full((75,), 3.0), 25), torch.full((75,), 1 / 75, dtype=torch.float64))
+    # with α = 25 a bin at D_norm = 0.1 gets ~4 % of the nearest bin's weight (spec §4)
+    w = cd.bin_weights(torch.tensor([0.0, 0.1, 1.0]), 25)
+    assert float(w[1] / w[0]) == pytest.approx((math.exp(0.9**25) - 1) / (math.e - 1))
+
+
+# ---- binning and sampling [Sec. 3.3] ---------------------------------------------------------------------
+def test_sampled_parameters_fall_inside_their_bin():
+    gen = torch.Generator().manual_seed(0)
+    bins = cd.sample_bins(torch.rand(75, generator=gen), 3000, gen)
+    params = cd.sample_in_bins(bins, EDGES, gen)
+    i_s, i_l, i_q = np.unravel_index(bins.numpy(), SHAPE)
+    for key, idx, edges in (("sigma", i_s, EDGES[0]), ("noise", i_l, EDGES[1]), ("quality", i_q, EDGES[2])):
+        e = np.asarray(edges)
+        v = params[key].double().numpy()
+        assert ((v >= e[idx]) & (v <= e[idx + 1])).all()
+    assert params["quality"].dtype == torch.int64
+    assert set(np.unique(i_q)) == {0, 1, 2} and params["quality"].min() >= 30 and params["quality"].max() <= 90
+    box = cd.make_sampler(cd.Config(), oracle_setting=3)[0](500, gen)
+    assert float(box["sigma"].min()) >= 1.5 and float(box["sigma"].max()) <= 2.5
+    assert int(box["quality"].min()) >= 75 and int(box["quality"].max()) <= 85
+
+
+def test_empirical_bin_frequencies_match_weights():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.distributions.Dirichlet(torch.ones(75)).sample().double()
+    w = cd.bin_weights(-w.log(), 3)                                  # a peaked, realistic weight vector
+    n = 40_000
+    counts = np.bincount(cd.sample_bins(w, n, gen).numpy(), minlength=75)
+    expected = w.numpy() * n
+    keep = expected > 5
+    stat, p = scipy.stats.chisquare(counts[keep], expected[keep] * counts[keep].sum() / expected[keep].sum())
+    assert p > 1e-3, (stat, p)
+    assert counts[~keep].sum() < 5 * max(1, (~keep).sum())
+
+
+# ---- degradation [Eq. 2] ---------------------------------------------------------------------------------
+def test_degradation_shapes_identity_and_equivalence():
+    img = img_stack([1, 2, 3], 288)[..., :280]                        # non-square on purpose
+    sigma = torch.tensor([0.0, 1.7, 4.9])
+    fused = cd.blur_downsample(img, cd.gaussian_kernels_1d(sigma, 31), 4)
+    assert fused.shape == (3, 3, 72, 70)
+    assert torch.allclose(fused[0], common.imresize(img[:1], 1 / 4)[0], atol=1e-6)          # σ = 0: no blur
+    ref = common.imresize(common.blur(img[1:], common.isotropic_kernels(sigma[1:], 31)), 1 / 4)
+    assert torch.allclose(fused[1:], ref, atol=1e-5)                  # = common 31x31 blur -> MATLAB bicubic
+    params = {"sigma": sigma, "noise": torch.tensor([0.0, 10.0, 50.0]), "quality": torch.tensor([90, 50, 30])}
+    img_lr = cd.degrade(img, params, 4, 31, generator=torch.Generator().manual_seed(0))
+    assert img_lr.shape == (3, 3, 72, 70)
+    assert torch.equal(img_lr, (img_lr * 255).round() / 255)         # 8-bit values
+    again = cd.degrade(img, params, 4, 31, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(img_lr, again)
+    # no blur, no noise: only JPEG separates the output from the 8-bit bicubic LR, more so at low q
+    clean = common.quantize(common.imresize(img[:1], 1 / 4))
+    errors = [float((cd.degrade(img[:1], {"sigma": torch.zeros(1), "noise": torch.zeros(1),
+                                          "quality": torch.tensor([q])}, 4, 31) - clean).abs().mean())
+              for q in (95, 70, 30)]
+    assert 0 < errors[0] < errors[1] < errors[2]
+    gray = cd.degrade(img[:1], {k: v[2:] for k, v in params.items()} | {"quality": torch.tensor([100])}, 4, 31,
+                      gray_noise=True, generator=torch.Generator().manual_seed(0))
+    assert gray.shape == (1, 3, 72, 70)
+
+
+def test_recovery_of_a_hidden_bin(alexnet):
+    """References = Y_w degraded with fresh draws from the hidden bin (1, 0, 2) (σ∈[1,2], l∈[0,10], q∈[70,90],
+    next to setting ③); random AlexNet φ, n = 32, seed 0 (spec §7.1: this corner bin ranks 1st)."""
+    hidden = (1, 0, 2)
+    b = int(np.ravel_multi_index(hidden, SHAPE))
+    cfg = cd.make_config("paper", n_clean=32)
+    clean = img_stack(range(100, 132), 288)
+    gen = torch.Generator().manual_seed(12345)
+    img_ref = cd.degrade(clean, cd.sample_in_bins(torch.full((32,), b), EDGES, gen), 4, 31, generator=gen)
+    phi = alexnet
+    w = cd.bin_weights(cd.bin_distances(phi, clean, cd.features(phi, img_ref, "cpu"), cfg, "cpu"), 25)
+    rank = int((torch.argsort(w, descending=True) == b).nonzero()) + 1
+    near = float(w.reshape(SHAPE)[0:3, 0:2, 1:3].sum())               # the hidden bin and its neighbours
+    print(f"hidden bin {hidden}: rank {rank}, weight {float(w[b]):.3f}, mass within ±1 bin {near:.3f}")
+    assert rank <= 3
+    assert near > 0.5                                                  # uniform would give 12/75 = 0.16
+
+
+# ---- official weights (φ loader, BasicSR SR loader) ------------------------------------------------------
+def test_phi_weights_loader(tmp_path, alexnet):
+    gen = torch.Generator().manual_seed(5)
+    state = {k: torch.randn(s, generator=gen) * 0.01 for k, s in ALEXNET_SHAPES.items()}
+    torch.save(state, tmp_path / "alexnet.pth")
+    torch.save({"state_dict": state}, tmp_path / "wrapped.pth")
+    x = torch.rand(2, 3, 72, 72)
+    with torch.no_grad():
+        loaded = cd.build_phi("alexnet", tmp_path / "alexnet.pth")
+        assert not torch.allclose(loaded(x), alexnet(x))
+        assert torch.equal(loaded.classifier[4].weight, state["classifier.4.weight"])
+        assert torch.equal(cd.build_phi("alexnet", tmp_path / "wrapped.pth")(x), loaded(x))
+    bad = {k: v for k, v in state.items() if k != "features.3.bias"}
+    bad.update({"features.99.weight": torch.zeros(1), "features.0.weight": torch.zeros(64, 3, 7, 7)})
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(common.UserError) as err:
+        cd.build_phi("alexnet", tmp_path / "bad.pth")
+    for problem in ("missing (1): features.3.bias", "unexpected (1): features.99.weight",
+                    "shape mismatch (1): features.0.weight (64, 3, 7, 7) vs ours (64, 3, 11, 11)"):
+        assert problem in str(err.value)
+    with pytest.raises(common.UserError, match="not found"):
+        cd.build_phi("alexnet", tmp_path / "absent.pth")
+
+
+def test_basicsr_sr_loader(tmp_path):
+    net = cd.MSRResNet(16, 3)
+    torch.save({"params": net.state_dict()}, tmp_path / "msr.pth")
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(cd.load_basicsr_sr(tmp_path / "msr.pth")(x), net(x))
+        rrdb = cd.RRDBNet(16, 2, 8)
+        torch.save({"params_ema": rrdb.state_dict()}, tmp_path / "rrdb.pth")
+        assert torch.equal(cd.load_basicsr_sr(tmp_path / "rrdb.pth")(x), rrdb(x))
+    torch.save({"params": {**net.state_dict(), "extra.weight": torch.zeros(2)}}, tmp_path / "bad.pth")
+    with pytest.raises(common.UserError, match="unexpected"):
+        cd.load_basicsr_sr(tmp_path / "bad.pth")
+
+
+# ---- CLI end to end --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clean_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clean")
+    for i in range(4):
+        Image.fromarray(synthetic_image(200 + i, 300, 300)).save(root / f"c{i}.png")
+    return root
+
+
+def train_args(out, data, *extra):
+    return ["train", "--preset", "smoke", "--data-dir", str(data), "--out-dir", str(out), "--device", "cpu",
+            "--workers", "0", "--log-every", "1", *extra]
+
+
+def last_log(out):
+    return json.loads((Path(out) / "log.jsonl").read_text().splitlines()[-1])
+
+
+def test_weights_train_eval_end_to_end(tmp_path, clean_dir, tiny_hr_dir, tiny_bench_root, capsys):
+    refs = tmp_path / "refs"
+    cd.main(["refs", "--preset", "smoke", "--clean-dir", str(clean_dir), "--setting", "3", "--n", "6",
+             "--out-dir", str(refs), "--device", "cpu"])
+    assert len(list(refs.glob("*.png"))) == 6 and Image.open(refs / "ref0000.png").size == (72, 72)
+    out = tmp_path / "w" / "weights.json"
+    cd.main(["weights", "--preset", "smoke", "--ref-dir", str(refs), "--clean-dir", str(clean_dir),
+             "--alpha", "25", "--out", str(out), "--device", "cpu", "--sigma-edges", "0", "2.5", "5",
+             "--noise-edges", "0", "25", "50", "--quality-edges", "30", "60", "90"])    # 2 x 2 x 2 bins: fast
+    data = json.loads(out.read_text())
+    assert len(data["weights"]) == 8 and len(data["distances"]) == 8 and data["shape"] == [2, 2, 2]
+    assert sum(data["weights"]) == pytest.approx(1) and min(data["weights"]) == 0.0
+    assert data["quality_edges"] == [30, 60, 90] and data["n_ref"] == 6 and data["n_clean"] == 6
+    assert Image.open(out.with_suffix(".png")).size == (2 * 2 * 24 + 8, 2 * 24)
+    run = tmp_path / "sr"
+    cd.main(train_args(run, tiny_hr_dir, "--weights", str(out)))
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["weights"] == pytest.approx(data["weights"])
+    assert ckpt["edges"][1] == [0, 25, 50]                           # training samples the file's bins
+    assert math.isfinite(last_log(run)["loss"])
+    ev = tmp_path / "eval"
+    cd.main(["eval", "--ckpt", str(run / "last.pt"), "--data", "Tiny", "--data-root", str(tiny_bench_root),
+             "--settings", "1", "3", "--out-dir", str(ev), "--device", "cpu"])
+    md = (ev / "results.md").read_text()
+    assert "setting1" in md and "setting3" in md and "### bicubic" in md and "msrresnet step 4" in md
+    assert "RGB PSNR" in capsys.readouterr().out
+    cd.main(["eval", "--ckpt", str(run / "last.pt"), "--data", "Tiny", "--data-root", str(tiny_bench_root),
+             "--settings", "--protocol", "bicubic", "--out-dir", str(tmp_path / "ev2"), "--device", "cpu"])
+    assert "| Tiny | bicubic |" in (tmp_path / "ev2" / "results.md").read_text()
+
+
+def test_resume_continues_identically(tmp_path, tiny_hr_dir):
+    cd.main(train_args(tmp_path / "full", tiny_hr_dir))                          # uniform baseline, 4 steps
+    cd.main(train_args(tmp_path / "half", tiny_hr_dir, "--steps", "2"))
+    cd.main(train_args(tmp_path / "half", tiny_hr_dir, "--resume"))
+    full, half = last_log(tmp_path / "full"), last_log(tmp_path / "half")
+    assert full["step"] == half["step"] == 4 and full["loss"] == half["loss"]
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "half" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_errors(tmp_path, tiny_hr_dir):
+    (tmp_path / "w.json").write_text(json.dumps({"weights": [1.0], "sigma_edges": [0, 1, 2], "noise_edges": [0, 1],
+                                                  "quality_edges": [30, 90]}))
+    with pytest.raises(SystemExit, match="error: .*need 2 non-negative weights"):
+        cd.main(train_args(tmp_path / "x", tiny_hr_dir, "--weights", str(tmp_path / "w.json")))
+    with pytest.raises(SystemExit, match="error: eval needs --ckpt"):
+        cd.main(["eval", "--device", "cpu"])
+    common.save_checkpoint(tmp_path / "other.pt", {"script": "kdsr", "stage": "teacher"})
+    with pytest.raises(SystemExit, match="error: .*kdsr"):
+        cd.main(["eval", "--ckpt", str(tmp_path / "other.pt"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="error: .*smaller than the 288x288 clean crop"):
+        cd.main(["weights", "--ref-dir", str(tiny_hr_dir), "--clean-dir", str(tiny_hr_dir), "--device", "cpu"])
+
+
+def test_script_shape():
+    text = Path(cd.__file__).read_text()
+    assert len(text.splitlines()) <= 900
+    banners = [f"# ---- {i}. {name}" for i, name in enumerate(
+        ["Config", "Degradation", "Networks", "Losses", "Training", "Evaluation", "Official weights", "CLI"], 1)]
+    positions = [text.index(b) for b in banners]
+    assert positions == sorted(positions)
