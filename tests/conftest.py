@@ -10,7 +10,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # small smoke models: threads cost more than they give
 
 
 def synthetic_image(seed: int, height: int, width: int) -> np.ndarray:

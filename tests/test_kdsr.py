@@ -1,0 +1,271 @@
+"""KDSR: parameter counts, networks, losses, degradation sampler, schedules, converter, CLI chain, exact resume."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import kdsr
+from conftest import synthetic_image
+
+SMOKE = ["--preset", "smoke", "--device", "cpu", "--workers", "0", "--log-every", "1"]
+
+
+def count(module, trainable_only=False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def log_records(out_dir) -> list[dict]:
+    return [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
+
+
+def smoke_model(teacher: bool) -> kdsr.KDSR:
+    return kdsr.build_model(kdsr.Config(**kdsr.PRESETS["smoke"]), teacher)
+
+
+# ---- networks ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size, teacher, total, g, e", [
+    ("M", False, 5_795_099, 4_463_963, 1_331_136), ("M", True, 5_822_747, 4_463_963, 1_358_784),
+    ("L", False, 14_191_003, 10_055_195, 4_135_808), ("L", True, 14_246_299, 10_055_195, 4_191_104)])
+def test_parameter_counts_match_spec(size, teacher, total, g, e):
+    model = kdsr.build_model(kdsr.Config(**kdsr.SIZES[size]), teacher)
+    assert (count(model), count(model.G), count(model.E)) == (total, g, e)
+    assert count(model, trainable_only=True) == total - 24  # the fixed mean shift
+    assert len(model.state_dict()) == {"M": 276, "L": 160}[size]  # = official key counts
+    assert count(model.G.blocks[0]) == {"M": 77_888, "L": 311_424}[size]
+
+
+def test_default_config_is_kdsr_s_m():
+    cfg = kdsr.Config()
+    assert (cfg.n_feats, cfg.n_blocks, cfg.n_resblocks, cfg.kd_temperature, cfg.kd_weight) == (64, 53, 9, 0.15, 1.0)
+
+
+def test_shapes_teacher_and_student():
+    torch.manual_seed(0)
+    cfg = kdsr.Config(n_feats=16, n_blocks=2, n_resblocks=2)
+    teacher, student = kdsr.build_model(cfg, True), kdsr.build_model(cfg, False)
+    assert teacher.E.head.in_channels == 51 and student.E.head.in_channels == 3
+    img_lr, img_hr = torch.rand(2, 3, 12, 10), torch.rand(2, 3, 48, 40)
+    d, d_prime = teacher.estimate(img_lr, img_hr)
+    assert d.shape == (2, 16) and d_prime.shape == (2, 64)  # D: C, D': 4C
+    img_sr, d_prime_s = student(img_lr)
+    assert img_sr.shape == (2, 3, 48, 40) and d_prime_s.shape == (2, 64)
+    assert teacher(img_lr, img_hr)[0].shape == (2, 3, 48, 40)
+    with pytest.raises(ValueError, match="HR"):
+        teacher.estimate(img_lr)
+
+
+def test_teacher_estimate_depends_on_hr():
+    torch.manual_seed(0)
+    teacher = smoke_model(True)
+    img_lr = torch.rand(1, 3, 8, 8)
+    a = teacher.estimate(img_lr, torch.rand(1, 3, 32, 32))[1]
+    b = teacher.estimate(img_lr, torch.rand(1, 3, 32, 32))[1]
+    assert not torch.allclose(a, b)
+
+
+def test_idr_ddc_is_a_per_sample_depthwise_conv():
+    torch.manual_seed(0)
+    ddc = kdsr.IDRDDC(6)
+    x, d = torch.randn(3, 6, 9, 11), torch.randn(3, 6)
+    out = ddc(x, d)
+    for b in range(3):  # the reference: sample b, channel i convolved with taps 9i..9i+8 of phi(D_b), row-major
+        weight = ddc.kernel(d[b]).reshape(6, 1, 3, 3)
+        torch.testing.assert_close(out[b:b + 1], F.conv2d(x[b:b + 1], weight, padding=1, groups=6))
+    assert not torch.allclose(out[0], ddc(x[:1], d[1:2])[0])  # kernels really are per sample
+
+
+def test_mean_shift_is_fixed():
+    g = kdsr.SRNetwork(channels=8, n_blocks=1)
+    img = torch.rand(1, 3, 5, 5)
+    torch.testing.assert_close(g.sub_mean(img), img - torch.tensor(kdsr.DIV2K_MEAN)[:, None, None])
+    assert not g.add_mean.weight.requires_grad and not g.sub_mean.bias.requires_grad
+
+
+# ---- losses ------------------------------------------------------------------------------------------------
+def test_kd_loss_properties():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(4, 32, requires_grad=True), torch.randn(4, 32, requires_grad=True)
+    loss = kdsr.kd_loss(student, teacher, 0.15)
+    p_t, p_s = F.softmax(teacher / 0.15, 1), F.softmax(student / 0.15, 1)
+    manual = (p_t * (p_t.log() - p_s.log())).sum(1).mean()  # Eq. 6, batch mean, no tau^2
+    torch.testing.assert_close(loss, manual)
+    assert loss.item() > 0
+    loss.backward()
+    assert student.grad is not None and teacher.grad is None  # gradient into the student only
+    assert kdsr.kd_loss(teacher.detach(), teacher.detach()).item() == pytest.approx(0.0, abs=1e-6)
+    for _ in range(20):
+        assert kdsr.kd_loss(torch.randn(3, 16), torch.randn(3, 16)).item() >= 0
+
+
+def test_student_step_estimator_only_leaves_g_without_gradient():
+    torch.manual_seed(0)
+    cfg = kdsr.Config(**kdsr.PRESETS["smoke"])
+    teacher, student = smoke_model(True).eval(), smoke_model(False)
+    img_hr = torch.rand(2, 3, 32, 32)
+    img_lr = F.avg_pool2d(img_hr, 4)
+    loss, scalars = kdsr.student_step(student, teacher, img_lr, img_hr, cfg, False, "cpu", estimator_only=True)
+    loss.backward()
+    assert set(scalars) == {"l_kl"} and all(p.grad is None for p in student.G.parameters())
+    assert student.E.head.weight.grad is not None and teacher.E.head.weight.grad is None
+    loss, scalars = kdsr.student_step(student, teacher, img_lr, img_hr, cfg, False, "cpu", estimator_only=False)
+    assert loss.item() == pytest.approx(scalars["l_rec"] + scalars["l_kl"], rel=1e-6)  # weights 1 and 1
+
+
+# ---- degradation and schedules -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", kdsr.DEGRADATIONS)
+def test_degradations_are_per_sample(kind):
+    torch.manual_seed(0)
+    kernels, noise = kdsr.sample_degradations(6, kind, 0.2, 4.0, 25.0, 21, "cpu")
+    assert kernels.shape == (6, 21, 21)
+    torch.testing.assert_close(kernels.sum((1, 2)), torch.ones(6))
+    assert len({round(k[10, 10].item(), 6) for k in kernels}) == 6  # one kernel per sample
+    if kind == "iso":
+        assert noise is None
+        torch.testing.assert_close(kernels, kernels.transpose(1, 2))
+    else:
+        assert noise.shape == (6,) and 0 <= noise.min() and noise.max() <= 25 and len(set(noise.tolist())) == 6
+    img_lr = kdsr.degrade_batch(torch.rand(6, 3, 64, 64), kdsr.Config(degradation=kind))
+    assert img_lr.shape == (6, 3, 16, 16)
+    torch.testing.assert_close(img_lr * 255, (img_lr * 255).round())  # 8-bit quantised
+
+
+def test_paper_schedules():
+    cfg, ipe = kdsr.Config(), 971
+    assert kdsr.total_steps(cfg, "teacher") == 485_500
+    assert kdsr.total_steps(cfg, "student") == 582_600
+    assert kdsr.total_steps(kdsr.Config(degradation="aniso_noise"), "student") == 485_500
+    assert kdsr.schedule(cfg, "teacher", 124 * ipe) == (1e-4, False)          # epoch 124
+    assert kdsr.schedule(cfg, "teacher", 124 * ipe + 1) == (5e-5, False)      # epoch 125: 0.5^floor(125/125)
+    assert kdsr.schedule(cfg, "student", 149 * ipe + 1) == (5e-5, False)
+    aniso = kdsr.Config(degradation="aniso_noise")
+    assert kdsr.schedule(aniso, "student", 1) == (2e-4, True)
+    assert kdsr.schedule(aniso, "student", 59 * ipe + 1)[0] == pytest.approx(2e-5)
+    assert kdsr.schedule(aniso, "student", 100 * ipe) == (pytest.approx(2e-5), True)
+    assert kdsr.schedule(aniso, "student", 100 * ipe + 1) == (1e-4, False)
+    assert kdsr.schedule(aniso, "student", 224 * ipe + 1) == (5e-5, False)
+
+
+def test_student_g_is_initialised_from_teacher_exactly():
+    torch.manual_seed(0)
+    teacher, student = smoke_model(True), smoke_model(False)
+    e_before = {k: v.clone() for k, v in student.E.state_dict().items()}
+    copied = kdsr.init_student_from_teacher(student, teacher.state_dict())
+    assert copied == sorted(k for k in teacher.state_dict() if k.startswith("G."))
+    for key, value in student.G.state_dict().items():
+        assert torch.equal(value, teacher.G.state_dict()[key])
+    for key, value in student.E.state_dict().items():
+        assert torch.equal(value, e_before[key])
+
+
+# ---- official weights --------------------------------------------------------------------------------------
+def manifest_state(shared, name: str) -> dict:
+    state = {}
+    for line in (shared / "manifests" / f"KDSR_{name}_classic_keys.tsv").read_text().splitlines():
+        key, shape = line.split("\t")
+        state[key] = torch.randn([int(s) for s in shape.split("x")]) * 0.02
+    for prefix, sign in (("G.sub_mean", -1.0), ("G.add_mean", 1.0)):
+        state[f"{prefix}.weight"] = torch.eye(3)[:, :, None, None]
+        state[f"{prefix}.bias"] = sign * torch.tensor(kdsr.DIV2K_MEAN)
+    return state
+
+
+@pytest.mark.parametrize("name, teacher, size", [("S-M", False, "M"), ("S-L", False, "L"), ("T-M", True, "M")])
+def test_official_manifest_loads_strictly(shared, tmp_path, name, teacher, size):
+    state = manifest_state(shared, name)
+    torch.save(state, path := tmp_path / "official.pt")
+    model, cfg = kdsr.load_official(path)
+    assert model.teacher == teacher and cfg.size == size
+    loaded = model.state_dict()
+    assert len(loaded) == len(state)
+    table = kdsr.official_key_map(cfg.n_blocks, cfg.n_resblocks, "E." if teacher else "E_st.")
+    for key, value in state.items():  # every official tensor landed, unchanged, under its mapped key
+        assert torch.equal(loaded[kdsr.map_official_key(key, table)], value)
+    torch.manual_seed(0)
+    img_lr, img_hr = torch.rand(1, 3, 6, 6), torch.rand(1, 3, 24, 24)
+    fresh = kdsr.build_model(cfg, teacher)
+    with torch.no_grad():
+        out = model(img_lr, img_hr)[0]
+        assert out.shape == (1, 3, 24, 24) and torch.isfinite(out).all()
+        assert not torch.allclose(out, fresh(img_lr, img_hr)[0])
+
+
+def test_official_manifest_errors_name_the_keys(shared, tmp_path):
+    state = manifest_state(shared, "S-M")
+    missing = {k: v for k, v in state.items() if k != "G.body.0.body.7.conv1.bias"}
+    torch.save(missing, path := tmp_path / "missing.pt")
+    with pytest.raises(kdsr.common.UserError, match=r"missing \(1\): G\.body\.0\.body\.7\.conv1\.bias"):
+        kdsr.load_official(path)
+    torch.save({**state, "G.extra.weight": torch.zeros(3)}, path := tmp_path / "extra.pt")
+    with pytest.raises(kdsr.common.UserError, match=r"unexpected official keys \(1\): G\.extra\.weight"):
+        kdsr.load_official(path)
+    torch.save({**state, "E_st.mlp.0.bias": torch.zeros(7)}, path := tmp_path / "shape.pt")
+    with pytest.raises(kdsr.common.UserError, match=r"E_st\.mlp\.0\.bias \(7,\) vs ours \(256,\)"):
+        kdsr.load_official(path)
+    with pytest.raises(SystemExit, match="^error: official keys missing"):
+        kdsr.main(["eval", "--official-weights", str(tmp_path / "missing.pt"), "--device", "cpu"])
+
+
+# ---- CLI end to end ----------------------------------------------------------------------------------------
+def test_teacher_student_eval_embed_chain(tiny_hr_dir, tiny_bench_root, tmp_path):
+    teacher = kdsr.main(["train", "--stage", "teacher", "--data-dir", str(tiny_hr_dir), "--steps", "3",
+                         "--out-dir", str(tmp_path / "t"), *SMOKE])
+    student = kdsr.main(["train", "--stage", "student", "--teacher-ckpt", str(teacher), "--data-dir",
+                         str(tiny_hr_dir), "--degradation", "aniso_noise", "--steps", "8",
+                         "--out-dir", str(tmp_path / "s"), *SMOKE])
+    records = log_records(tmp_path / "s")
+    assert [("l_rec" in r) for r in records] == [False] * 5 + [True] * 3  # 1 warm-up epoch of 5 steps: L_kl only
+    assert all(math.isfinite(r["loss"]) for r in records)
+    eval_args = ["--data", "Tiny", "--data-root", str(tiny_bench_root), "--device", "cpu"]
+    summary = kdsr.main(["eval", "--ckpt", str(student), "--out-dir", str(tmp_path / "e"), "--save-images",
+                         *eval_args])
+    assert [r["degradation"] for r in summary][-1] == "mean" and len(summary) == 9
+    results = (tmp_path / "e" / "results.md").read_text()
+    assert "KDSR_S-smoke x4 gaussian8 Tiny" in results and "bicubic x4 gaussian8 Tiny" in results
+    assert (tmp_path / "e" / "results.csv").is_file()
+    assert len(list((tmp_path / "e" / "images").rglob("*.png"))) == 16  # 2 images x 8 sigmas
+    png = kdsr.main(["embed", "--ckpt", str(student), "--sigmas", "1", "3", "--out", str(tmp_path / "x.png"),
+                     *eval_args])
+    assert Image.open(png).size == (640, 640)
+    with pytest.raises(SystemExit, match="teacher"):
+        kdsr.main(["eval", "--ckpt", str(teacher), *eval_args])
+
+
+def test_cli_errors_are_one_line(tiny_hr_dir, tmp_path):
+    with pytest.raises(SystemExit, match="^error: the student stage needs --teacher-ckpt"):
+        kdsr.main(["train", "--stage", "student", "--data-dir", str(tiny_hr_dir), *SMOKE])
+    with pytest.raises(SystemExit, match="^error: checkpoint not found"):
+        kdsr.main(["train", "--stage", "student", "--teacher-ckpt", str(tmp_path / "no.pt"),
+                   "--data-dir", str(tiny_hr_dir), *SMOKE])
+    with pytest.raises(SystemExit, match="^error: give exactly one"):
+        kdsr.main(["eval", "--device", "cpu"])
+
+
+def test_teacher_loss_goes_down_on_one_image(tmp_path):
+    (folder := tmp_path / "hr").mkdir()
+    Image.fromarray(synthetic_image(3, 64, 64)).save(folder / "one.png")
+    kdsr.main(["train", "--stage", "teacher", "--data-dir", str(folder), "--steps", "300",
+               "--out-dir", str(tmp_path / "t"), *SMOKE])
+    losses = [r["l_rec"] for r in log_records(tmp_path / "t")]
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.5 * first, (first, last)  # measured: 0.146 -> 0.043
+
+
+@pytest.mark.parametrize("stage", ["teacher", "student"])
+def test_resume_continues_with_the_identical_loss(tiny_hr_dir, tmp_path, stage):
+    extra = []
+    if stage == "student":
+        extra = ["--teacher-ckpt", str(kdsr.main(["train", "--stage", "teacher", "--data-dir", str(tiny_hr_dir),
+                                                  "--steps", "1", "--out-dir", str(tmp_path / "t"), *SMOKE]))]
+    common_args = ["train", "--stage", stage, "--data-dir", str(tiny_hr_dir), *SMOKE]
+    full = kdsr.main([*common_args, *extra, "--steps", "6", "--out-dir", str(tmp_path / "full")])
+    kdsr.main([*common_args, *extra, "--steps", "3", "--out-dir", str(tmp_path / "half")])
+    # no --teacher-ckpt on resume: the student checkpoint remembers its teacher
+    resumed = kdsr.main([*common_args, "--steps", "6", "--out-dir", str(tmp_path / "half"), "--resume"])
+    assert [r["step"] for r in log_records(tmp_path / "half")] == [1, 2, 3, 4, 5, 6]
+    assert log_records(tmp_path / "half")[-1]["loss"] == log_records(tmp_path / "full")[-1]["loss"]
+    full_state, resumed_state = (torch.load(p, weights_only=True)["model"] for p in (full, resumed))
+    assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
