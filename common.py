@@ -4,7 +4,7 @@ utilities. [P §n] cites the shared evaluation protocol (see README.md). Bicubic
 `python common.py baseline --data Set5 Set14 --protocol gaussian8 --scale 4 --data-root datasets`."""
 from __future__ import annotations
 
-import argparse, contextlib, csv, dataclasses, functools, hashlib, itertools, json, math, os, random, time
+import argparse, contextlib, csv, dataclasses, functools, hashlib, itertools, json, math, os, random, signal, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -246,14 +246,30 @@ def summarize(rows: list[dict]) -> list[dict]:
 def bicubic_sr(scale: int):
     """The reference 'method': MATLAB bicubic upsampling of the LR input."""
     return lambda img_lr: imresize(img_lr, scale)
-def print_table(rows: list[dict], title: str) -> None:
-    """Fixed-width table of summary rows."""
+
+def tiled(sr_fn, scale: int, tile: int, overlap: int = 16):
+    """Run `sr_fn` on LR tiles of `tile` px (+ `overlap` context each side, cropped away) to bound memory. Equal
+    to the whole-image output when the overlap covers the network's receptive field and nothing pools globally."""
+    if tile <= 0:
+        return sr_fn
+    def run(img_lr: torch.Tensor) -> torch.Tensor:
+        h, w = img_lr.shape[-2:]
+        out = img_lr.new_zeros(*img_lr.shape[:-2], h * scale, w * scale)
+        for top, left in itertools.product(range(0, h, tile), range(0, w, tile)):
+            t0, l0 = max(top - overlap, 0), max(left - overlap, 0)                   # tile plus its context
+            img_sr = sr_fn(img_lr[..., t0:min(top + tile + overlap, h), l0:min(left + tile + overlap, w)])
+            rows, cols = min(tile, h - top) * scale, min(tile, w - left) * scale
+            out[..., top * scale:top * scale + rows, left * scale:left * scale + cols] = \
+                    img_sr[..., (top - t0) * scale:, (left - l0) * scale:][..., :rows, :cols]
+        return out
+    return run
+def report(rows: list[dict], title: str, out_dir=None) -> None:
+    """Print summary rows as a table; with `out_dir` append them (method column = title) to results.csv/.md."""
     print(f"\n{title}\n{'set':<10} {'degradation':<14} {'PSNR':>8} {'SSIM':>7} {'n':>4}")
     for r in rows:
         print(f"{r['set']:<10} {r['degradation']:<14} {r['psnr']:8.4f} {r['ssim']:7.4f} {r['n']:>4}")
-
-def write_results(out_dir, rows: list[dict], title: str = "") -> None:
-    """Append summary rows (plus a `method` column = title) to results.csv and a table to results.md."""
+    if out_dir is None:
+        return
     (out := Path(out_dir)).mkdir(parents=True, exist_ok=True)
     new = not (out / "results.csv").exists()
     with open(out / "results.csv", "a", newline="") as f:
@@ -350,15 +366,10 @@ def all_reduce_mean(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
     return tensor
 
 def rng_state() -> dict:
-    """Python, NumPy, torch (and CUDA) RNG states as plain tensors/lists (safe for weights_only loading)."""
-    name, keys, *rest = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """torch (and CUDA) RNG states: the scripts draw all training randomness from torch (data: HRPatches' own)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -378,15 +389,39 @@ def load_checkpoint(path, script: str, stages=None, device="cpu") -> dict:
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(ckpt, dict) or "script" not in ckpt:
-            raise ValueError
-    except Exception:  # noqa: BLE001 - any failure to unpickle our dict means "not one of our checkpoints"
+    except Exception:  # noqa: BLE001 - anything torch cannot unpickle safely is not one of our checkpoints
+        ckpt = None
+    if not isinstance(ckpt, dict) or "script" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of these scripts (official weights: --official-weights)") from None
     if ckpt["script"] != script:
         raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py")
     if stages is not None and ckpt.get("stage") not in stages:
         raise UserError(f"{path} is a '{ckpt.get('stage')}' checkpoint; expected stage {' or '.join(stages)}")
     return ckpt
+
+def stop_on_signals() -> dict:
+    """After this, SIGINT/SIGTERM only set flag["signal"]: the loop finishes its step, writes last.pt and exits.
+    A second SIGINT raises KeyboardInterrupt at once."""
+    flag = {"signal": 0}
+    def handle(signum, frame):
+        if flag["signal"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handle)
+    return flag
+
+def stop_requested(flag: dict, dist: Dist, device) -> bool:
+    """True on every rank once any rank was signalled (under DDP all ranks must stop at the same step)."""
+    if not dist.enabled:
+        return flag["signal"] != 0
+    return all_reduce_mean(torch.tensor(float(flag["signal"]), device=device), dist).item() > 0
+
+def check_finite(loss: torch.Tensor, step: int, last_good) -> None:
+    """Stop on a NaN/inf loss before it reaches a checkpoint; pass the loss averaged over ranks under DDP."""
+    if not torch.isfinite(loss).all():
+        raise UserError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint is {last_good} "
+                        f"(lower the learning rate or disable --amp, then --resume)")
 
 class RunLog:
     """One fixed-format progress line per call, and the same record appended to <out_dir>/log.jsonl."""
@@ -432,16 +467,13 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     baseline = sub.add_parser("baseline", help="evaluate bicubic upsampling under a protocol")
     add_eval_args(baseline)
-    baseline.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     baseline.add_argument("--out-dir", default=None, help="also write results.csv/results.md here")
     args = parser.parse_args(argv)
     try:
         for data in args.data:
             rows = summarize(run_benchmark(bicubic_sr(args.scale), data, args.protocol, args.scale,
-                                           args.data_root, pick_device(args.device), limit=args.limit))
-            print_table(rows, title := f"Bicubic x{args.scale} {args.protocol}")
-            if args.out_dir:
-                write_results(args.out_dir, rows, title)
+                                           args.data_root, limit=args.limit))
+            report(rows, f"Bicubic x{args.scale} {args.protocol}", args.out_dir)
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -636,10 +636,9 @@ def run_eval(args) -> None:
                     for name, fn in sr_fns.items()}
         for name, label in (("bicubic", "bicubic"), ("method", title)):
             summary = summarize_rgb(rows[name]) if args.settings else common.summarize(rows[name])
-            common.print_table(summary, f"{label} ({data})")
+            common.report(summary, f"{label} ({data})", out_dir)
             if args.settings:
                 print("RGB PSNR: " + ", ".join(f"{r['degradation']} {r['psnr_rgb']:.4f}" for r in summary))
-            common.write_results(out_dir, summary, label)
     print(f"results in {out_dir}/results.md")
 
 

@@ -494,8 +494,7 @@ def evaluate(args) -> list[dict]:
         for method, result in ((name, rows), ("bicubic", bicubic)):
             table = common.summarize(result)
             title = f"{method} x{args.scale} {args.protocol} {table[0]['set']}"
-            common.print_table(table, title)
-            common.write_results(out_dir, table, title)
+            common.report(table, title, out_dir)
         summary += common.summarize(rows)
     print(f"\nresults: {out_dir / 'results.md'}")
     return summary

@@ -510,13 +510,11 @@ def evaluate(args) -> list[dict]:
         rows = common.run_benchmark(sr_fn, data, args.protocol, args.scale, root=args.data_root, device=device,
                                     save_dir=save_dir, limit=args.limit)
         method = common.summarize(rows)
-        common.print_table(method, f"ReDSR x{args.scale} {args.protocol} {data}")
-        common.write_results(out_dir, method, title=f"ReDSR x{args.scale} {args.protocol} {data}")
+        common.report(method, f"ReDSR x{args.scale} {args.protocol} {data}", out_dir)
         ref = common.summarize(common.run_benchmark(common.bicubic_sr(args.scale), data, args.protocol,
                                                     args.scale, root=args.data_root, device=device,
                                                     limit=args.limit))
-        common.print_table(ref, f"bicubic x{args.scale} {args.protocol} {data}")
-        common.write_results(out_dir, ref, title=f"bicubic x{args.scale} {args.protocol} {data}")
+        common.report(ref, f"bicubic x{args.scale} {args.protocol} {data}", out_dir)
         summary += method
     return summary
 

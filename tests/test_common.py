@@ -219,12 +219,11 @@ def test_checkpoint_round_trip_and_checks(tmp_path):
     payload = {"script": "kdsr", "stage": "teacher", "step": 5, "model": {"w": torch.randn(3)},
                "config": {"lr": 1e-4, "sizes": [1, 2]}, "rng": common.rng_state()}
     common.save_checkpoint(path, payload)
-    draw = (torch.rand(2), np.random.rand(), __import__("random").random())
+    draw = torch.rand(2)
     loaded = common.load_checkpoint(path, "kdsr", stages=("teacher",))
     assert torch.equal(loaded["model"]["w"], payload["model"]["w"]) and loaded["config"] == payload["config"]
     common.set_rng_state(loaded["rng"])
-    again = (torch.rand(2), np.random.rand(), __import__("random").random())
-    assert torch.equal(draw[0], again[0]) and draw[1:] == again[1:]
+    assert torch.equal(torch.rand(2), draw)
     with pytest.raises(common.UserError, match="written by kdsr.py, not mrda.py"):
         common.load_checkpoint(path, "mrda")
     with pytest.raises(common.UserError, match="'teacher' checkpoint; expected stage student"):
@@ -258,10 +257,44 @@ def test_runlog_and_results_files(tmp_path, capsys):
     record = json.loads((tmp_path / "log.jsonl").read_text())
     assert record["loss"] == 0.5 and record["step"] == 5
     rows = [{"set": "Set5", "degradation": "mean", "psnr": 30.0, "ssim": 0.9, "n": 5}]
-    common.write_results(tmp_path, rows, "ours")
-    common.write_results(tmp_path, rows, "bicubic")
-    assert (tmp_path / "results.csv").read_text().count("method,") == 1
+    common.report(rows, "ours", tmp_path)
+    common.report(rows, "bicubic", tmp_path)
+    assert "Set5       mean            30.0000  0.9000    5" in capsys.readouterr().out
+    assert (tmp_path / "results.csv").read_text().splitlines() == [
+        "method,set,degradation,psnr,ssim,n", "ours,Set5,mean,30.0,0.9,5", "bicubic,Set5,mean,30.0,0.9,5"]
     assert (tmp_path / "results.md").read_text().count("| Set5 | mean | 30.0000 | 0.9000 | 5 |") == 2
+
+
+def test_tiled_inference_equals_whole_image():
+    img_lr = torch.rand(1, 3, 37, 53)
+    whole = common.imresize(img_lr, 4)                            # bicubic x4: a local operator (2 px support)
+    for tile, overlap in ((8, 4), (16, 2), (64, 4)):
+        assert torch.allclose(common.tiled(common.bicubic_sr(4), 4, tile, overlap)(img_lr), whole, atol=1e-5)
+    calls = []
+    common.tiled(lambda x: calls.append(x.shape) or torch.zeros(1, 3, 2 * x.shape[-2], 2 * x.shape[-1]), 2, 16, 4)(
+        img_lr)
+    assert len(calls) == 3 * 4 and max(max(shape[-2:]) for shape in calls) <= 16 + 2 * 4
+    assert common.tiled(common.bicubic_sr(4), 4, 0) is not None
+
+
+def test_stop_signal_and_finite_check():
+    import signal
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        flag = common.stop_on_signals()
+        assert not common.stop_requested(flag, common.Dist(), "cpu")
+        os.kill(os.getpid(), signal.SIGTERM)                        # handled: the process goes on
+        assert common.stop_requested(flag, common.Dist(), "cpu") and flag["signal"] == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGINT)
+        pytest.fail("a second signal must interrupt at once")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    common.check_finite(torch.tensor(0.5), 3, "last.pt")
+    with pytest.raises(common.UserError, match="loss became nan at step 7.*last good checkpoint is runs/last.pt"):
+        common.check_finite(torch.tensor(float("nan")), 7, "runs/last.pt")
 
 
 def test_device_and_autocast():
