@@ -80,10 +80,9 @@ class HRPatches(torch.utils.data.Dataset):
             top = rng.integers(img.shape[0] - self.patch_size + 1)
             left = rng.integers(img.shape[1] - self.patch_size + 1)
             patch = img[top:top + self.patch_size, left:left + self.patch_size]
-            flips = rng.random(3) < 0.5
-            patch = patch[:, ::-1] if flips[0] else patch
-            patch = patch[::-1] if flips[1] else patch
-            patch = patch.transpose(1, 0, 2) if flips[2] else patch
+            hflip, vflip, transpose = rng.random(3) < 0.5
+            patch = patch[::-1 if vflip else 1, ::-1 if hflip else 1]
+            patch = patch.transpose(1, 0, 2) if transpose else patch
             crops.append(torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1))
         out = torch.stack(crops) if self.crops_per_item > 1 else crops[0]
         return out.float().div(255)
@@ -252,6 +251,7 @@ def tiled(sr_fn, scale: int, tile: int, overlap: int = 16):
     to the whole-image output when the overlap covers the network's receptive field and nothing pools globally."""
     if tile <= 0:
         return sr_fn
+
     def run(img_lr: torch.Tensor) -> torch.Tensor:
         h, w = img_lr.shape[-2:]
         out = img_lr.new_zeros(*img_lr.shape[:-2], h * scale, w * scale)
@@ -260,9 +260,10 @@ def tiled(sr_fn, scale: int, tile: int, overlap: int = 16):
             img_sr = sr_fn(img_lr[..., t0:min(top + tile + overlap, h), l0:min(left + tile + overlap, w)])
             rows, cols = min(tile, h - top) * scale, min(tile, w - left) * scale
             out[..., top * scale:top * scale + rows, left * scale:left * scale + cols] = \
-                    img_sr[..., (top - t0) * scale:, (left - l0) * scale:][..., :rows, :cols]
+                img_sr[..., (top - t0) * scale:, (left - l0) * scale:][..., :rows, :cols]
         return out
     return run
+
 def report(rows: list[dict], title: str, out_dir=None) -> None:
     """Print summary rows as a table; with `out_dir` append them (method column = title) to results.csv/.md."""
     print(f"\n{title}\n{'set':<10} {'degradation':<14} {'PSNR':>8} {'SSIM':>7} {'n':>4}")
