@@ -1,5 +1,6 @@
 """Run under `torchrun --nproc_per_node=2`: exercises common's DDP helpers and prints one JSON line per rank."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,9 @@ torch.distributed.all_gather(gathered, weights)
 batch = next(common.infinite_batches(common.HRPatches(sys.argv[1], 16), 2, "cpu", seed=3, workers=0, dist=dist))
 batches = [torch.zeros_like(batch) for _ in range(dist.world_size)]
 torch.distributed.all_gather(batches, batch)
-print(json.dumps({"rank": dist.rank, "world": dist.world_size, "mean": mean,
-                  "weights_agree": all(torch.equal(g, gathered[0]) for g in gathered),
-                  "batches_differ": not torch.equal(batches[0], batches[1])}), flush=True)
+record = {"rank": dist.rank, "world": dist.world_size, "mean": mean,
+          "weights_agree": all(torch.equal(g, gathered[0]) for g in gathered),
+          "batches_differ": not torch.equal(batches[0], batches[1])}
+sys.stdout.flush()
+os.write(1, (json.dumps(record) + "\n").encode())       # one write(2): the two ranks' lines never interleave
 common.ddp_teardown(dist)

@@ -8,6 +8,7 @@ of all ranks are identical (DDP must keep the replicas bit-equal after every opt
 """
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,9 +30,10 @@ def checking_teardown(dist):
     flat = torch.cat([p.detach().float().flatten().cpu() for m in wrapped for p in m.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(dist.world_size)]
     torch.distributed.all_gather(gathered, flat)
-    print(json.dumps({"rank": dist.rank, "world": dist.world_size, "models": len(wrapped),
-                      "checksum": float(flat.double().sum()),
-                      "ranks_agree": all(torch.equal(g, gathered[0]) for g in gathered)}), flush=True)
+    record = {"rank": dist.rank, "world": dist.world_size, "models": len(wrapped),
+              "checksum": float(flat.double().sum()), "ranks_agree": all(torch.equal(g, gathered[0]) for g in gathered)}
+    sys.stdout.flush()
+    os.write(1, (json.dumps(record) + "\n").encode())   # one write(2): the two ranks' lines never interleave
     ddp_teardown(dist)
 
 
