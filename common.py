@@ -87,6 +87,10 @@ class HRPatches(torch.utils.data.Dataset):
         out = torch.stack(crops) if self.crops_per_item > 1 else crops[0]
         return out.float().div(255)
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C is for the main process (it stops after the step); workers must not die mid-batch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 def infinite_batches(dataset, batch_size: int, device, seed: int = 0, start_step: int = 0, workers: int = 2, dist=None):
     """Endless batches on `device`; `start_step=k` gives exactly the batches an uninterrupted run sees at k."""
     dataset.seed = seed
@@ -96,6 +100,7 @@ def infinite_batches(dataset, batch_size: int, device, seed: int = 0, start_step
                                           for k in itertools.count(start_step))
     loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=items, num_workers=workers,  # own generator:
                                          generator=torch.Generator().manual_seed(seed),  # global RNG untouched
+                                         worker_init_fn=_ignore_sigint,
                                          pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
     for batch in loader:
         yield batch.to(device, non_blocking=True)
@@ -366,14 +371,23 @@ def all_reduce_mean(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
         tensor = tensor / dist.world_size
     return tensor
 
-def rng_state() -> dict:
-    """torch (and CUDA) RNG states: the scripts draw all training randomness from torch (data: HRPatches' own)."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_state(dist: Dist | None = None) -> dict:
+    """torch (and CUDA) RNG states, all the scripts draw from; under DDP every rank's (collective: call on all)."""
+    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if dist is None or not dist.enabled:
+        return state
+    torch.distributed.all_gather_object(ranks := [None] * dist.world_size, state)
+    return {**ranks[0], "ranks": ranks}
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+def set_rng_state(state: dict, dist: Dist | None = None) -> None:
+    """Restore this rank's state; resumed with another number of ranks, they are re-seeded apart instead."""
+    ranks, dist = state.get("ranks", [state]), dist or Dist()
+    mine = ranks[dist.rank] if len(ranks) == dist.world_size else ranks[0]
+    torch.set_rng_state(mine["torch"].cpu())
+    if mine["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in mine["cuda"]])
+    if len(ranks) != dist.world_size:                       # exact continuation is impossible; stay distinct
+        torch.manual_seed(int(torch.randint(2**62, ())) + dist.rank)
 
 def save_checkpoint(path, payload: dict) -> None:
     """Atomic write: a crash mid-write leaves the previous file intact (temp file + fsync + rename)."""

@@ -35,10 +35,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import itertools
 import math
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,52 +340,78 @@ def init_student_from_teacher(student: KDSR, teacher_state: dict) -> list[str]:
     return sorted(f"G.{key}" for key in g_state)
 
 
-def _restore(path: Path, model, optimizer, stage: str, device) -> int:
+def _restore(path: Path, model, optimizer, stage: str, dist, device) -> int:
     ckpt = common.load_checkpoint(path, SCRIPT, (stage,), device=device)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    common.set_rng_state(ckpt["rng"])
+    common.set_rng_state(ckpt["rng"], dist)  # every rank continues its own random degradations
+    written_by = len(ckpt["rng"].get("ranks", [None]))
+    if written_by != dist.world_size and dist.is_main:
+        print(f"note: {path} was written by {written_by} process(es), this run has {dist.world_size}: the "
+              f"random degradations do not continue exactly")
     return int(ckpt["step"])
+
+
+def _payload(cfg: Config, stage: str, step: int, model: KDSR, optimizer, rng: dict, extra: dict | None) -> dict:
+    """Everything --resume needs to continue exactly (self-describing, DESIGN.md convention 5)."""
+    return {"script": SCRIPT, "stage": stage, "step": step, "config": dataclasses.asdict(cfg),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": None,  # the learning rate is a pure function of the step: schedule()
+            "rng": rng, **(extra or {})}
+
+
+@contextlib.contextmanager
+def signals_stop_the_loop():
+    """common.stop_on_signals() while the loop runs; the previous SIGINT/SIGTERM handlers come back afterwards."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield common.stop_on_signals()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def fit(cfg: Config, args, stage: str, model: KDSR, step_fn, resume: Path | None, dist, device,
         extra: dict | None = None, find_unused: bool = False) -> Path:
-    """The loop both stages share: data, per-sample degradation, step, lr rule, log, atomic checkpoints."""
+    """The loop both stages share: data, per-sample degradation, step, lr rule, log, atomic checkpoints.
+    SIGINT/SIGTERM: finish the step, write last.pt, return. A non-finite loss stops before backward()."""
     params = [p for p in model.parameters() if p.requires_grad]  # the fixed mean shift is not optimised
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
-    start = _restore(resume, model, optimizer, stage, device) if resume else 0
+    start = _restore(resume, model, optimizer, stage, dist, device) if resume else 0
     net = common.wrap_ddp(model, dist, find_unused=find_unused)
     dataset = common.HRPatches(args.data_dir, cfg.lr_patch * cfg.scale)
-    loader = common.infinite_batches(dataset, cfg.batch_size, device, seed=cfg.seed, start_step=start,
-                                     workers=args.workers, dist=dist)  # step k always sees the same crops
-    with torch.random.fork_rng(devices=[]):  # the loader draws a base seed: keep it out of the training RNG
-        batches = itertools.chain([next(loader)], loader)
+    batches = common.infinite_batches(dataset, cfg.batch_size, device, seed=cfg.seed, start_step=start,
+                                      workers=args.workers, dist=dist)  # step k always sees the same crops
     steps, out_dir = total_steps(cfg, stage), Path(args.out_dir)
     log, last = common.RunLog(out_dir, steps, enabled=dist.is_main, start_step=start), out_dir / "last.pt"
-    for step in range(start + 1, steps + 1):
-        learning_rate, estimator_only = schedule(cfg, stage, step)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
-        img_hr = next(batches)                                  # (B, 3, sP, sP)
-        img_lr = degrade_batch(img_hr, cfg)                     # (B, 3, P, P)
-        if args.channels_last and device.type == "cuda":
-            img_lr, img_hr = (x.contiguous(memory_format=torch.channels_last) for x in (img_lr, img_hr))
-        loss, scalars = step_fn(net, img_lr, img_hr, estimator_only)
-        if not torch.isfinite(loss):
-            raise common.UserError(f"non-finite loss at step {step} ({scalars}); last good checkpoint: {last}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % args.log_every == 0 or step == steps:
-            loss_mean = common.all_reduce_mean(loss.detach(), dist).item()
-            log.log(step, stage, loss=loss_mean, **scalars, lr=learning_rate)
-        if dist.is_main and (step % cfg.save_every == 0 or step == steps):
-            common.save_checkpoint(last, {
-                "script": SCRIPT, "stage": stage, "step": step, "config": dataclasses.asdict(cfg),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": None,  # the learning rate is a pure function of the step: schedule()
-                "rng": common.rng_state(), **(extra or {})})
-    loader.close()
+    last_good = resume or "(none written yet)"  # what the non-finite-loss error points to
+    with signals_stop_the_loop() as flag, contextlib.closing(batches):
+        for step in range(start + 1, steps + 1):
+            learning_rate, estimator_only = schedule(cfg, stage, step)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+            img_hr = next(batches)                                  # (B, 3, sP, sP)
+            img_lr = degrade_batch(img_hr, cfg)                     # (B, 3, P, P)
+            if args.channels_last and device.type == "cuda":
+                img_lr, img_hr = (x.contiguous(memory_format=torch.channels_last) for x in (img_lr, img_hr))
+            loss, scalars = step_fn(net, img_lr, img_hr, estimator_only)
+            loss_mean = common.all_reduce_mean(loss.detach(), dist)  # same value on every rank: all stop together
+            common.check_finite(loss_mean, step, last_good)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % args.log_every == 0 or step == steps:
+                log.log(step, stage, loss=loss_mean.item(), **scalars, lr=learning_rate)
+            stop = step < steps and common.stop_requested(flag, dist, device)
+            if step % cfg.save_every == 0 or step == steps or stop:
+                rng = common.rng_state(dist)  # every rank takes part (collective)
+                if dist.is_main:
+                    common.save_checkpoint(last, _payload(cfg, stage, step, model, optimizer, rng, extra))
+                last_good = last
+            if stop:
+                if dist.is_main:
+                    print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
+                break
     return last
 
 
@@ -466,6 +493,9 @@ def load_for_inference(args, device) -> tuple[KDSR, Config, str]:
         cfg = Config(**ckpt["config"])
         model = build_model(cfg, teacher=ckpt["stage"] == "teacher")
         model.load_state_dict(ckpt["model"])
+    if args.scale != cfg.scale:  # before anything runs
+        raise common.UserError(f"{args.ckpt or args.official_weights} is a x{cfg.scale} model but --scale "
+                               f"{args.scale} was given: use --scale {cfg.scale}")
     if model.teacher:
         raise common.UserError("this is a teacher (KDSR_T): it needs the HR image to estimate the degradation, "
                                "so it cannot super-resolve an LR image alone; evaluate a student checkpoint")
@@ -475,15 +505,18 @@ def load_for_inference(args, device) -> tuple[KDSR, Config, str]:
 def evaluate(args) -> list[dict]:
     """Benchmark tables (protocol.md: Gaussian8 [Tab. 1], aniso+noise [Tab. 2]) plus the bicubic reference row."""
     device = common.pick_device(args.device)
+    if args.tile < 0 or args.tile_overlap < 0:
+        raise common.UserError(f"--tile and --tile-overlap must be >= 0, got {args.tile} and {args.tile_overlap}")
     model, cfg, name = load_for_inference(args, device)
-    if args.scale != cfg.scale:
-        raise common.UserError(f"this model is x{cfg.scale}; got --scale {args.scale}")
+    name += f" tile{args.tile}" if args.tile else ""
     out_dir = Path(args.out_dir)
 
     @torch.no_grad()
-    def sr_fn(img_lr: torch.Tensor) -> torch.Tensor:
+    def whole_image_sr(img_lr: torch.Tensor) -> torch.Tensor:
         with common.autocast(device, args.amp):
             return model(img_lr)[0].float()
+
+    sr_fn = common.tiled(whole_image_sr, args.scale, args.tile, args.tile_overlap)  # tile 0: the function itself
 
     summary = []
     for data in args.data:
@@ -623,6 +656,9 @@ def load_official(path) -> tuple[KDSR, Config]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad user file
         raise common.UserError(f"cannot read {path}: {err}") from None
+    if isinstance(state, dict) and "script" in state:
+        raise common.UserError(f"{path} was written by {state['script']}.py train, not released by the KDSR "
+                               f"authors{': pass it as --ckpt' if state['script'] == SCRIPT else ''}")
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise common.UserError(f"{path} is not a raw state dict of tensors (the released KDSR layout)")
     state = {k.removeprefix("module."): v for k, v in state.items()}  # a DataParallel save, if any
@@ -664,6 +700,11 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_args(ev)
     common.add_run_args(ev)
     common.add_eval_args(ev)
+    ev.add_argument("--tile", type=int, default=0,
+                    help="super-resolve LR tiles of N px to bound memory (default 0: whole image). KD-IDE_S pools "
+                         "globally, so it then estimates D from one tile at a time: the output differs from the "
+                         "whole-image output unless the tile covers the LR image")
+    ev.add_argument("--tile-overlap", type=int, default=16, help="LR px of context around each tile (default 16)")
     em = sub.add_parser("embed", help="PCA scatter of the student IDR under several blur widths [Fig. 6]")
     _inference_args(em)
     common.add_run_args(em)

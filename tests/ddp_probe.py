@@ -23,7 +23,12 @@ torch.distributed.all_gather(gathered, weights)
 batch = next(common.infinite_batches(common.HRPatches(sys.argv[1], 16), 2, "cpu", seed=3, workers=0, dist=dist))
 batches = [torch.zeros_like(batch) for _ in range(dist.world_size)]
 torch.distributed.all_gather(batches, batch)
-record = {"rank": dist.rank, "world": dist.world_size, "mean": mean,
+torch.manual_seed(100 + dist.rank)                          # ranks draw different degradations
+states = common.rng_state(dist)                              # collective: every rank's state
+expected = torch.rand(3)
+common.set_rng_state(states, dist)                           # each rank gets its own state back
+rng_per_rank = len(states["ranks"]) == 2 and torch.equal(torch.rand(3), expected)
+record = {"rank": dist.rank, "world": dist.world_size, "mean": mean, "rng_per_rank": rng_per_rank,
           "weights_agree": all(torch.equal(g, gathered[0]) for g in gathered),
           "batches_differ": not torch.equal(batches[0], batches[1])}
 sys.stdout.flush()

@@ -316,4 +316,4 @@ def test_torchrun_two_processes_all_reduce(tiny_hr_dir):
     assert sorted(r["rank"] for r in records) == [0, 1]
     for record in records:
         assert record["world"] == 2 and record["mean"] == 1.5
-        assert record["weights_agree"] and record["batches_differ"]
+        assert record["weights_agree"] and record["batches_differ"] and record["rng_per_rank"]

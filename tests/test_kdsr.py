@@ -1,6 +1,11 @@
 """KDSR: parameter counts, networks, losses, degradation sampler, schedules, converter, CLI chain, exact resume."""
 import json
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import kdsr
-from conftest import synthetic_image
+from conftest import REPO, synthetic_image
 
 SMOKE = ["--preset", "smoke", "--device", "cpu", "--workers", "0", "--log-every", "1"]
 
@@ -269,3 +274,153 @@ def test_resume_continues_with_the_identical_loss(tiny_hr_dir, tmp_path, stage):
     assert log_records(tmp_path / "half")[-1]["loss"] == log_records(tmp_path / "full")[-1]["loss"]
     full_state, resumed_state = (torch.load(p, weights_only=True)["model"] for p in (full, resumed))
     assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
+
+
+# ---- robustness: signals, non-finite loss, tiles, wrong inputs, torchrun -----------------------------------
+@pytest.fixture
+def saved_signal_handlers():
+    """The loop installs its own SIGINT/SIGTERM handlers: whatever happens, put pytest's back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield saved
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_sigterm_writes_last_pt_and_resume_is_exact(tiny_hr_dir, tmp_path, monkeypatch, capsys,
+                                                    saved_signal_handlers):
+    train = ["train", "--stage", "teacher", "--data-dir", str(tiny_hr_dir), "--steps", "6", *SMOKE]
+    full = kdsr.main([*train, "--out-dir", str(tmp_path / "full")])
+    original_log = kdsr.common.RunLog.log
+
+    def log_then_signal(self, step, stage, **scalars):  # the signal lands in the middle of step 3's bookkeeping
+        original_log(self, step, stage, **scalars)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(kdsr.common.RunLog, "log", log_then_signal)
+    stopped = kdsr.main([*train, "--out-dir", str(tmp_path / "half")])
+    assert torch.load(stopped, weights_only=True)["step"] == 3
+    assert f"stopped by signal at step 3; checkpoint {stopped}; continue with --resume" in capsys.readouterr().out
+    assert {sig: signal.getsignal(sig) for sig in saved_signal_handlers} == saved_signal_handlers  # restored
+    monkeypatch.setattr(kdsr.common.RunLog, "log", original_log)
+    resumed = kdsr.main(["train", "--stage", "teacher", "--data-dir", str(tiny_hr_dir), *SMOKE,
+                         "--out-dir", str(tmp_path / "half"), "--resume"])  # --steps 6 comes from the checkpoint
+    assert [r["step"] for r in log_records(tmp_path / "half")] == [1, 2, 3, 4, 5, 6]
+    assert log_records(tmp_path / "half")[-1]["loss"] == log_records(tmp_path / "full")[-1]["loss"]
+    full_state, resumed_state = (torch.load(p, weights_only=True)["model"] for p in (full, resumed))
+    assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
+
+
+def test_nan_loss_stops_before_backward_and_keeps_last_good(tiny_hr_dir, tmp_path, monkeypatch):
+    calls, original = [], kdsr.reconstruction_loss
+
+    def nan_on_third_call(img_sr, img_hr):
+        calls.append(1)
+        loss = original(img_sr, img_hr)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(kdsr, "reconstruction_loss", nan_on_third_call)
+    out = tmp_path / "t"
+    with pytest.raises(SystemExit) as exit_info:
+        kdsr.main(["train", "--stage", "teacher", "--data-dir", str(tiny_hr_dir), "--steps", "6", "--save-every", "2",
+                   "--out-dir", str(out), *SMOKE])
+    message = str(exit_info.value)
+    assert "\n" not in message and re.match(rf"^error: loss became nan at step 3; .*last good checkpoint is "
+                                            rf"{re.escape(str(out / 'last.pt'))}", message), message
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert [r["step"] for r in log_records(out)] == [1, 2]  # the bad step was neither applied nor logged
+
+
+def test_nan_before_the_first_checkpoint_says_so(tiny_hr_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(kdsr, "reconstruction_loss", lambda img_sr, img_hr: img_sr.sum() * float("inf"))
+    with pytest.raises(SystemExit, match=r"^error: loss became (nan|inf) at step 1; .*\(none written yet\)"):
+        kdsr.main(["train", "--stage", "teacher", "--data-dir", str(tiny_hr_dir), "--steps", "2",
+                   "--out-dir", str(tmp_path / "t"), *SMOKE])
+    assert not (tmp_path / "t" / "last.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def student_ckpt(tiny_hr_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("kdsr_ckpts")
+    teacher = kdsr.main(["train", "--stage", "teacher", "--data-dir", str(tiny_hr_dir), "--steps", "2",
+                         "--out-dir", str(root / "t"), *SMOKE])
+    return kdsr.main(["train", "--stage", "student", "--teacher-ckpt", str(teacher), "--data-dir",
+                      str(tiny_hr_dir), "--steps", "2", "--out-dir", str(root / "s"), *SMOKE])
+
+
+def test_tiled_eval(student_ckpt, tiny_bench_root, tmp_path):
+    run = ["eval", "--ckpt", str(student_ckpt), "--data", "Tiny", "--data-root", str(tiny_bench_root),
+           "--device", "cpu"]
+    whole = kdsr.main([*run, "--out-dir", str(tmp_path / "whole")])
+    covering = kdsr.main([*run, "--tile", "16", "--out-dir", str(tmp_path / "t16")])  # LR is 12x16: one tile
+    assert covering == whole  # exactly, every row
+    tiled = kdsr.main([*run, "--tile", "8", "--tile-overlap", "2", "--out-dir", str(tmp_path / "t8")])
+    assert [r["degradation"] for r in tiled] == [r["degradation"] for r in whole]
+    assert all(math.isfinite(r["psnr"]) for r in tiled)
+    assert tiled != whole  # KD-IDE_S pools globally: each tile gets its own D (the --tile help says so)
+    assert "KDSR_S-smoke tile8 x4 gaussian8 Tiny" in (tmp_path / "t8" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="^error: --tile and --tile-overlap must be >= 0"):
+        kdsr.main([*run, "--tile", "8", "--tile-overlap", "-1"])
+
+
+def test_wrong_scale_and_foreign_checkpoints_are_one_line_errors(student_ckpt, tiny_hr_dir, tiny_bench_root,
+                                                                 tmp_path):
+    run = ["--data", "Tiny", "--data-root", str(tiny_bench_root), "--device", "cpu", "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"^error: .* is a x4 model but --scale 2 was given: use --scale 4$"):
+        kdsr.main(["eval", "--ckpt", str(student_ckpt), "--scale", "2", *run])
+    with pytest.raises(SystemExit, match=r"^error: .* is a x4 model but --scale 3"):
+        kdsr.main(["embed", "--ckpt", str(student_ckpt), "--scale", "3", *run])
+    assert not (tmp_path / "results.csv").exists()  # nothing ran
+    kdsr.common.save_checkpoint(other := tmp_path / "other.pt", {"script": "redsr", "stage": "train", "step": 1})
+    with pytest.raises(SystemExit, match=r"^error: .*other\.pt was written by redsr\.py, not kdsr\.py$"):
+        kdsr.main(["eval", "--ckpt", str(other), *run])
+    with pytest.raises(SystemExit, match=r"^error: .*other\.pt was written by redsr\.py"):
+        kdsr.main(["eval", "--official-weights", str(other), *run])
+    train = ["train", "--data-dir", str(tiny_hr_dir), "--out-dir", str(tmp_path / "s"), *SMOKE]
+    with pytest.raises(SystemExit, match=r"^error: .*other\.pt was written by redsr\.py, not kdsr\.py$"):
+        kdsr.main([*train, "--stage", "student", "--teacher-ckpt", str(other)])
+    with pytest.raises(SystemExit, match=r"^error: .* is a 'student' checkpoint; expected stage teacher$"):
+        kdsr.main([*train, "--stage", "student", "--teacher-ckpt", str(student_ckpt)])
+    with pytest.raises(SystemExit, match=r"^error: .*other\.pt was written by redsr\.py, not kdsr\.py$"):
+        kdsr.main([*train, "--stage", "teacher", "--resume", str(other)])
+    with pytest.raises(SystemExit, match=r"^error: .* is a 'student' checkpoint; expected stage teacher$"):
+        kdsr.main([*train, "--stage", "teacher", "--resume", str(student_ckpt)])
+    with pytest.raises(SystemExit, match=r"^error: .* kdsr\.py train, not released .*: pass it as --ckpt$"):
+        kdsr.main(["eval", "--official-weights", str(student_ckpt), *run])
+
+
+def torchrun_probe(cwd, *args) -> list[dict]:
+    """`kdsr.py train ...` under torchrun with two CPU ranks (tests/ddp_train_probe.py); the probes' JSON lines."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "ddp_train_probe.py"), "kdsr", "train", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=cwd,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("student G initialised") <= 1  # rank 0 prints
+    # both ranks print to one pipe: their lines can interleave, so pick out every {...} object
+    return [json.loads(obj) for obj in re.findall(r'\{"rank"[^{}]*\}', result.stdout)]
+
+
+def test_student_trains_and_resumes_under_torchrun_with_two_cpu_ranks(tiny_hr_dir, tmp_path):
+    teacher = kdsr.main(["train", "--stage", "teacher", "--data-dir", str(tiny_hr_dir), "--steps", "1",
+                         "--out-dir", str(tmp_path / "t"), *SMOKE])
+    # aniso: 5 warm-up steps (G idle: find_unused_parameters) then joint steps, so 7 crosses the switch
+    train = ["--stage", "student", "--teacher-ckpt", str(teacher), "--degradation", "aniso_noise",
+             "--data-dir", str(tiny_hr_dir), *SMOKE]
+    full = tmp_path / "full"
+    probes = torchrun_probe(tmp_path, *train, "--out-dir", str(full), "--steps", "7")
+    assert sorted(p["rank"] for p in probes) == [0, 1] and all(p["world"] == 2 for p in probes)
+    assert all(p["models"] >= 1 and p["ranks_agree"] for p in probes)
+    assert probes[0]["checksum"] == probes[1]["checksum"]
+    assert sorted(f.name for f in full.iterdir()) == ["last.pt", "log.jsonl"]  # one writer: no stray temp files
+    assert [r["step"] for r in log_records(full)] == list(range(1, 8))  # rank 0 logs, once per step
+    ckpt = torch.load(full / "last.pt", weights_only=True)
+    assert ckpt["step"] == 7 and ckpt["stage"] == "student" and len(ckpt["rng"]["ranks"]) == 2
+    # resume under torchrun: every rank gets its own RNG state back, so 4 + 3 steps equal 7 exactly
+    torchrun_probe(tmp_path, *train, "--out-dir", str(tmp_path / "half"), "--steps", "4")
+    resumed = torchrun_probe(tmp_path, *train, "--out-dir", str(tmp_path / "half"), "--steps", "7", "--resume")
+    assert [p["checksum"] for p in resumed] == [p["checksum"] for p in probes]
+    assert log_records(tmp_path / "half")[-1]["loss"] == log_records(full)[-1]["loss"]
+    resumed_state = torch.load(tmp_path / "half" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(ckpt["model"][k], resumed_state[k]) for k in resumed_state)
