@@ -38,7 +38,7 @@ def load_image(path) -> torch.Tensor:
 def to_uint8(img: torch.Tensor) -> np.ndarray:
     """(3, H, W) or (1, 3, H, W) float in [0, 1] -> (H, W, 3) uint8: clamp, x255, round half to even [P §1.4]."""
     img = img.detach().float().cpu().reshape(-1, *img.shape[-2:])
-    return img.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(img.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 def save_image(img, path) -> None:
     """Write a PNG from a float CHW tensor in [0, 1] or an HWC uint8 array."""

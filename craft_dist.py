@@ -36,10 +36,11 @@ Usage
     python craft_dist.py weights --ref-dir refs3 --clean-dir PIPAL/ --alpha 25 --out weights.json
     python craft_dist.py train --weights weights.json --data-dir DIV2K/train_HR     # omit --weights = baseline
     python craft_dist.py eval --ckpt runs/craft_dist/sr/last.pt --data Set5 Set14 --settings 1 2 3 4
+    torchrun --nproc_per_node=2 craft_dist.py train ...   # DDP (also `weights`); Ctrl-C/SIGTERM -> last.pt, --resume
 """
 from __future__ import annotations
 
-import argparse, dataclasses, functools, io, json, math, time
+import argparse, dataclasses, functools, io, json, math, os, signal, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -423,30 +424,34 @@ def bin_seed(seed: int, b: int) -> int:
     return common.eval_seed(f"craft_dist/seed{seed}/bin{b}")
 
 
-def bin_distances(phi, img_clean: torch.Tensor, feat_ref: torch.Tensor, cfg: Config, device) -> torch.Tensor:
-    """D_b = FD(φ(X_w^b), φ(X_ref)) for every bin b; X_w^b = D(Y_w, p(d|b)) [Eq. 3, Sec. 3.4]."""
+def bin_distances(phi, img_clean: torch.Tensor, feat_ref: torch.Tensor, cfg: Config, device,
+                  dist=common.Dist()) -> torch.Tensor:
+    """D_b = FD(φ(X_w^b), φ(X_ref)) for every bin b; X_w^b = D(Y_w, p(d|b)) [Eq. 3, Sec. 3.4].
+    Under torchrun rank r computes bins r, r + world, ... (seeded per bin: the same D as one process)."""
     edges = (cfg.sigma_edges, cfg.noise_edges, cfg.quality_edges)
     n_bins, start = math.prod(bin_shape(edges)), time.perf_counter()
-    dist = torch.zeros(n_bins, dtype=torch.float64)
-    for b in range(n_bins):
+    d = torch.zeros(n_bins, dtype=torch.float64)
+    for i, b in enumerate(range(dist.rank, n_bins, dist.world_size), 1):
         gen = torch.Generator().manual_seed(bin_seed(cfg.seed, b))
         params = sample_in_bins(torch.full((len(img_clean),), b), edges, gen)
         img_lr = degrade(img_clean.to(device), params, cfg.scale, cfg.kernel_size, cfg.gray_noise, gen)
-        dist[b] = frechet_distance(features(phi, img_lr, device), feat_ref)
-        if (b + 1) % 15 == 0:
+        d[b] = frechet_distance(features(phi, img_lr, device), feat_ref)
+        if dist.is_main and i % 15 == 0:
             print(f"  bins {b + 1}/{n_bins} ({time.perf_counter() - start:.1f}s)", flush=True)
-    return dist
+    if dist.enabled:
+        torch.distributed.all_reduce(d := d.to(device))              # sum: each bin comes from exactly one rank
+    return d.cpu()
 
 
-def compute_weights(ref_dir, clean_dirs, cfg: Config, phi_weights=None, device="cpu") -> dict:
+def compute_weights(ref_dir, clean_dirs, cfg: Config, phi_weights=None, device="cpu", dist=common.Dist()) -> dict:
     """The `weights` stage: references + clean set -> distances -> weights [Sec. 3.4, Eq. 3-4]."""
     img_ref = load_references(ref_dir, cfg.lr_size)                             # (n_ref, 3, 72, 72)
     img_clean = clean_crops(clean_dirs, cfg.n_clean, cfg.lr_size * cfg.scale, cfg.seed)   # (n, 3, 288, 288)
     phi = build_phi(cfg.phi, phi_weights).to(device)
     feat_ref = features(phi, img_ref, device)
-    dist = bin_distances(phi, img_clean, feat_ref, cfg, device)
-    weights = bin_weights(dist, cfg.alpha)
-    return {"weights": weights.tolist(), "distances": dist.tolist(), "alpha": cfg.alpha,
+    distances = bin_distances(phi, img_clean, feat_ref, cfg, device, dist)
+    weights = bin_weights(distances, cfg.alpha)
+    return {"weights": weights.tolist(), "distances": distances.tolist(), "alpha": cfg.alpha,
             "sigma_edges": list(cfg.sigma_edges), "noise_edges": list(cfg.noise_edges),
             "quality_edges": list(cfg.quality_edges), "shape": list(bin_shape(
                 (cfg.sigma_edges, cfg.noise_edges, cfg.quality_edges))),
@@ -508,55 +513,74 @@ def train_step_lr(img_hr, sampler, step: int, cfg: Config, rank: int) -> torch.T
     return degrade(img_hr, params, cfg.scale, cfg.kernel_size, cfg.gray_noise, gen)   # (B, 3, P/4, P/4)
 
 
-def train_sr(cfg: Config, args) -> Path:
-    """Train MSRResNet/RRDBNet with L1 on degradations drawn from the crafted bins (stage `sr`)."""
-    device = common.pick_device(args.device)
-    dist = common.ddp_setup(device)
-    common.seed_everything(cfg.seed)
-    out_dir = Path(args.out_dir or f"runs/{SCRIPT}/sr")
-    sampler, provenance = make_sampler(cfg, args.weights, args.oracle_setting)
+def build_training(cfg: Config, args, out_dir: Path, device):
+    """Network, Adam and the cosine-restart schedule, restored from --resume (exact continuation) -> + start step."""
     net = build_sr(cfg).to(device)
     net = net.to(memory_format=torch.channels_last) if args.channels_last and device.type == "cuda" else net
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.betas))
     eta_ratio = cfg.eta_min / cfg.learning_rate
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_restart_factor(s, cfg.restart_period, eta_ratio))
-    start = 0
-    if args.resume:
-        ckpt = common.load_checkpoint(out_dir / "last.pt" if args.resume == "last" else args.resume,
-                                      SCRIPT, ("sr",), device)
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        common.set_rng_state(ckpt["rng"])
-        start = ckpt["step"]
+    if not args.resume:
+        return net, optimizer, scheduler, 0
+    ckpt = common.load_checkpoint(out_dir / "last.pt" if args.resume == "last" else args.resume, SCRIPT, ("sr",),
+                                  device)
+    net.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    common.set_rng_state(ckpt["rng"])
+    return net, optimizer, scheduler, ckpt["step"]
+
+
+def train_sr(cfg: Config, args) -> Path:
+    """Train MSRResNet/RRDBNet with L1 on degradations drawn from the crafted bins (stage `sr`). SIGINT/SIGTERM:
+    finish the step, write last.pt, return; a non-finite loss (mean over ranks) stops before backward()."""
+    device = common.pick_device(args.device)
+    dist = common.ddp_setup(device)
+    common.seed_everything(cfg.seed)
+    out_dir = Path(args.out_dir or f"runs/{SCRIPT}/sr")
+    last = out_dir / "last.pt"
+    sampler, provenance = make_sampler(cfg, args.weights, args.oracle_setting)
+    net, optimizer, scheduler, start = build_training(cfg, args, out_dir, device)
     model = common.wrap_ddp(net, dist)
     data = common.HRPatches(args.data_dir, cfg.hr_patch)
     batches = common.infinite_batches(data, cfg.batch_size, device, seed=cfg.seed, start_step=start,
                                       workers=args.workers, dist=dist)
     log = common.RunLog(out_dir, cfg.steps, enabled=dist.is_main, start_step=start)
-    for step in range(start + 1, cfg.steps + 1):
-        img_hr = next(batches)                                                    # (B, 3, P, P)
-        img_lr = train_step_lr(img_hr, sampler, step, cfg, dist.rank)            # (B, 3, P/4, P/4)
-        with common.autocast(device, args.amp):
-            img_sr = model(img_lr)
-        loss = F.l1_loss(img_sr.float(), img_hr)                                  # L1 [ours] BasicSR
-        if not torch.isfinite(loss):
-            raise common.UserError(f"non-finite loss at step {step}; last good checkpoint: {out_dir / 'last.pt'}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if step % args.log_every == 0 or step == cfg.steps:
-            log.log(step, "sr", loss=float(common.all_reduce_mean(loss.detach(), dist)),
-                    lr=scheduler.get_last_lr()[0])
-        if dist.is_main and (step % cfg.save_every == 0 or step == cfg.steps):
-            common.save_checkpoint(out_dir / "last.pt", {
-                "script": SCRIPT, "stage": "sr", "step": step, "config": dataclasses.asdict(cfg),
-                "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": common.rng_state(), **provenance})
+    last_good = (last if args.resume == "last" else args.resume) if args.resume else "(none written yet)"
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    flag = common.stop_on_signals()
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            img_hr = next(batches)                                                # (B, 3, P, P)
+            img_lr = train_step_lr(img_hr, sampler, step, cfg, dist.rank)        # (B, 3, P/4, P/4)
+            with common.autocast(device, args.amp):
+                img_sr = model(img_lr)
+            loss = F.l1_loss(img_sr.float(), img_hr)                              # L1 [ours] BasicSR
+            loss_mean = common.all_reduce_mean(loss.detach(), dist)               # same on every rank: all stop
+            common.check_finite(loss_mean, step, last_good)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if step % args.log_every == 0 or step == cfg.steps:
+                log.log(step, "sr", loss=float(loss_mean), lr=scheduler.get_last_lr()[0])
+            stop = step < cfg.steps and common.stop_requested(flag, dist, device)   # collective under DDP
+            if dist.is_main and (step % cfg.save_every == 0 or step == cfg.steps or stop):
+                common.save_checkpoint(last, {
+                    "script": SCRIPT, "stage": "sr", "step": step, "config": dataclasses.asdict(cfg),
+                    "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": common.rng_state(), **provenance})
+            last_good = last if step % cfg.save_every == 0 or stop else last_good
+            if stop and dist.is_main:
+                print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
+            if stop:
+                break
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     common.ddp_teardown(dist)
-    return out_dir / "last.pt"
+    return last
 
 
 # ---- 6. Evaluation --------------------------------------------------------------------------------------
@@ -606,14 +630,21 @@ def summarize_rgb(rows) -> list[dict]:
     return summary
 
 
+def check_scale(asked: int, scale: int, source) -> None:
+    if asked != scale:
+        raise common.UserError(f"{source} is a x{scale} model but --scale {asked} was given: use --scale {scale}")
+
+
 def load_sr_for_eval(args, device) -> tuple[nn.Module, str]:
-    """Our checkpoint (network rebuilt from its config) or a BasicSR .pth (--official-weights)."""
+    """Our checkpoint (network rebuilt from its config) or a BasicSR x4 .pth (--official-weights); --scale checked."""
     if args.official_weights:
+        check_scale(args.scale, 4, args.official_weights)
         return load_basicsr_sr(args.official_weights).to(device).eval(), Path(args.official_weights).stem
     if not args.ckpt:
         raise common.UserError("eval needs --ckpt (a train checkpoint) or --official-weights (a BasicSR .pth)")
     ckpt = common.load_checkpoint(args.ckpt, SCRIPT, ("sr",), device)
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__})
+    check_scale(args.scale, cfg.scale, args.ckpt)
     net = build_sr(cfg).to(device)
     net.load_state_dict(ckpt["model"])
     return net.eval(), f"{SCRIPT} {cfg.arch} step {ckpt['step']}"
@@ -621,11 +652,17 @@ def load_sr_for_eval(args, device) -> tuple[nn.Module, str]:
 
 def run_eval(args) -> None:
     """Tab. 1 settings (default) or a common protocol (--settings with no value); bicubic reference row."""
+    if args.tile < 0 or args.tile_overlap < 0:
+        raise common.UserError(f"--tile and --tile-overlap must be >= 0, got {args.tile} and {args.tile_overlap}")
     device = common.pick_device(args.device)
     net, title = load_sr_for_eval(args, device)
+    title += f" tile {args.tile}" if args.tile else ""
     cfg = make_config("paper", scale=args.scale)
     out_dir = Path(args.out_dir or f"runs/{SCRIPT}/eval")
-    sr_fns = {"method": lambda img_lr: net(img_lr).clamp(0, 1), "bicubic": common.bicubic_sr(args.scale)}
+    # .contiguous(): one memory layout, whole or tiled (common's Y metrics differ by 1 ulp between layouts)
+    whole_image = lambda img_lr: net(img_lr).clamp(0, 1).contiguous()           # noqa: E731
+    method = common.tiled(whole_image, args.scale, args.tile, args.tile_overlap)
+    sr_fns = {"method": method, "bicubic": common.bicubic_sr(args.scale)}       # bicubic: whole image always
     for data in args.data:
         save_dir = out_dir / "images" if args.save_images else None
         if args.settings:
@@ -667,6 +704,9 @@ def _read_state_dict(path, wrappers=("state_dict", "params_ema", "params", "mode
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file for the user
         raise common.UserError(f"cannot read weights file {path}: {type(err).__name__}: {err}") from None
+    if isinstance(obj, dict) and "script" in obj:                   # one of our checkpoints, not a weights file
+        raise common.UserError(f"{path} is a {obj['script']}.py checkpoint, not a torchvision/BasicSR weights file"
+                               + (" (pass it to eval as --ckpt)" if obj["script"] == SCRIPT else ""))
     for key in wrappers:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -715,7 +755,12 @@ def run_weights(args) -> None:
     cfg = make_config(args.preset, seed=args.seed, alpha=args.alpha, phi=args.phi, n_clean=args.n_clean,
                       sigma_edges=_edges(args.sigma_edges), noise_edges=_edges(args.noise_edges),
                       quality_edges=_edges(args.quality_edges))
-    result = compute_weights(args.ref_dir, args.clean_dir, cfg, args.phi_weights, common.pick_device(args.device))
+    device = common.pick_device(args.device)
+    dist = common.ddp_setup(device)                                  # torchrun: the bins are split over the ranks
+    result = compute_weights(args.ref_dir, args.clean_dir, cfg, args.phi_weights, device, dist)
+    common.ddp_teardown(dist)
+    if not dist.is_main:
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -787,6 +832,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--official-weights", default=None, help="BasicSR MSRResNet/RRDBNet x4 .pth")
     e.add_argument("--settings", type=int, nargs="*", choices=sorted(SETTINGS), default=[1, 2, 3, 4],
                    help="Tab. 1 settings; give the flag with no value to use --protocol instead")
+    e.add_argument("--tile", type=int, default=0, help="super-resolve LR tiles of N px to bound memory (default 0: "
+                   "whole image). Equal to the whole-image output only where --tile-overlap covers the receptive "
+                   "field (paper MSRResNet 35 LR px, RRDBNet ~350). MSRResNet/RRDBNet estimate no degradation; a "
+                   "degradation estimator that pools globally would see one tile at a time, so its tiled output "
+                   "differs from the whole-image output unless the tile covers the image")
+    e.add_argument("--tile-overlap", type=int, default=16, help="LR px of context around each tile (default 16)")
     common.add_eval_args(e)
     common.add_run_args(e)
     for p in (w, r, t):
@@ -799,6 +850,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command in ("refs", "eval") and int(os.environ.get("RANK", 0)):   # torchrun: these run on rank 0
+        return
     try:
         if args.command == "weights":
             run_weights(args)

@@ -1,6 +1,11 @@
 """craft_dist.py: Fréchet distance, Eq. 4 weights, bin sampling, Eq. 2 degradation, φ loader, CLI end to end."""
+import csv
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +16,7 @@ from PIL import Image
 
 import common
 import craft_dist as cd
-from conftest import synthetic_image
+from conftest import REPO, synthetic_image
 
 EDGES = (cd.Config.sigma_edges, cd.Config.noise_edges, cd.Config.quality_edges)
 SHAPE = (5, 5, 3)
@@ -317,3 +322,115 @@ def test_script_shape():
         ["Config", "Degradation", "Networks", "Losses", "Training", "Evaluation", "Official weights", "CLI"], 1)]
     positions = [text.index(b) for b in banners]
     assert positions == sorted(positions)
+
+
+# ---- robustness: signals, non-finite loss, tiles, scale, foreign checkpoints, torchrun -------------------
+def test_signal_stops_cleanly_and_resume_is_exact(tmp_path, tiny_hr_dir, monkeypatch, capsys):
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    log = common.RunLog.log
+
+    def log_then_sigterm(self, step, stage, **scalars):
+        log(self, step, stage, **scalars)
+        if step == 3:                                                 # not a periodic save step (smoke: every 2)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        monkeypatch.setattr(common.RunLog, "log", log_then_sigterm)
+        cd.main(train_args(tmp_path / "cut", tiny_hr_dir))           # smoke: 4 steps
+        assert all(signal.getsignal(sig) is h for sig, h in handlers.items())   # the script restores them
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    monkeypatch.undo()
+    out = capsys.readouterr().out
+    assert f"stopped by signal at step 3; checkpoint {tmp_path / 'cut' / 'last.pt'}; continue with --resume" in out
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["step"] == 3
+    cd.main(train_args(tmp_path / "cut", tiny_hr_dir, "--resume"))
+    cd.main(train_args(tmp_path / "full", tiny_hr_dir))
+    cut, full = last_log(tmp_path / "cut"), last_log(tmp_path / "full")
+    assert cut["step"] == full["step"] == 4 and cut["loss"] == full["loss"]
+    a = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    assert a["step"] == 4 and all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+
+
+def test_non_finite_loss_stops_before_the_checkpoint(tmp_path, tiny_hr_dir, monkeypatch):
+    step_lr, nan_step = cd.train_step_lr, {"step": 1}
+    monkeypatch.setattr(cd, "train_step_lr", lambda img_hr, sampler, step, cfg, rank: step_lr(
+        img_hr, sampler, step, cfg, rank) * (float("nan") if step == nan_step["step"] else 1.0))
+    with pytest.raises(SystemExit) as err:
+        cd.main(train_args(tmp_path / "first", tiny_hr_dir))
+    assert str(err.value).startswith("error: loss became nan at step 1; stopped. The last good checkpoint is "
+                                     "(none written yet)") and "\n" not in str(err.value)
+    nan_step["step"] = 3                                             # smoke saves every 2 steps
+    last = tmp_path / "nan" / "last.pt"
+    with pytest.raises(SystemExit) as err:
+        cd.main(train_args(tmp_path / "nan", tiny_hr_dir))
+    assert str(err.value).startswith(f"error: loss became nan at step 3; stopped. The last good checkpoint is {last}")
+    ckpt = common.load_checkpoint(last, "craft_dist", ("sr",))
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.fixture(scope="module")
+def smoke_ckpt(tmp_path_factory, tiny_hr_dir):
+    out = tmp_path_factory.mktemp("smoke_sr")
+    cd.main(train_args(out, tiny_hr_dir, "--log-every", "100"))
+    return out / "last.pt"
+
+
+def eval_args(ckpt, root, out, *extra):
+    return ["eval", "--ckpt", str(ckpt), "--data", "Tiny", "--data-root", str(root), "--settings", "1", "4",
+            "--out-dir", str(out), "--device", "cpu", *extra]
+
+
+def test_tiled_eval(tmp_path, smoke_ckpt, tiny_bench_root):
+    """Tiny HR 48x64 -> LR 12x16: tile 16 is one tile (exactly the whole image); tile 4 with 2 px overlap runs."""
+    results = {}
+    for name, extra in (("whole", ()), ("one", ("--tile", "16")), ("small", ("--tile", "4", "--tile-overlap", "2"))):
+        cd.main(eval_args(smoke_ckpt, tiny_bench_root, tmp_path / name, *extra))
+        with open(tmp_path / name / "results.csv") as f:
+            results[name] = [r for r in csv.DictReader(f) if not r["method"].startswith("bicubic")]
+    assert results["one"][0]["method"].startswith("craft_dist msrresnet step 4 tile 16")
+    strip = lambda rows: [(r["degradation"], r["psnr"], r["ssim"]) for r in rows]          # noqa: E731
+    assert strip(results["one"]) == strip(results["whole"]) and len(results["whole"]) == 3
+    assert len(results["small"]) == 3 and all(math.isfinite(float(r["psnr"])) for r in results["small"])
+    assert strip(results["small"]) != strip(results["whole"])       # 2 px overlap < the smoke net's receptive field
+    with pytest.raises(SystemExit, match="error: --tile and --tile-overlap must be >= 0"):
+        cd.main(eval_args(smoke_ckpt, tiny_bench_root, tmp_path / "neg", "--tile", "-1"))
+
+
+def test_wrong_scale_and_foreign_checkpoints(tmp_path, smoke_ckpt, tiny_bench_root, tiny_hr_dir):
+    with pytest.raises(SystemExit, match=r"^error: .*last\.pt is a x4 model but --scale 2 was given: use --scale 4$"):
+        cd.main(eval_args(smoke_ckpt, tiny_bench_root, tmp_path / "ev", "--scale", "2"))
+    assert not (tmp_path / "ev").exists()                             # stopped before anything ran
+    torch.save({"params": cd.MSRResNet(16, 2).state_dict()}, tmp_path / "basicsr.pth")
+    with pytest.raises(SystemExit, match="error: .*basicsr.pth is a x4 model but --scale 3"):
+        cd.main(["eval", "--official-weights", str(tmp_path / "basicsr.pth"), "--scale", "3", "--device", "cpu"])
+    common.save_checkpoint(tmp_path / "other.pt", {"script": "other", "stage": "x", "step": 1, "model": {}})
+    common.save_checkpoint(tmp_path / "stage.pt", {"script": "craft_dist", "stage": "x", "step": 1, "model": {}})
+    cases = [(["eval", "--ckpt", str(tmp_path / "other.pt")], "other.pt was written by other.py, not craft_dist.py"),
+             (["eval", "--ckpt", str(tmp_path / "stage.pt")], "stage.pt is a 'x' checkpoint; expected stage sr"),
+             (train_args(tmp_path / "r", tiny_hr_dir, "--resume", str(tmp_path / "other.pt")), "written by other.py"),
+             (["eval", "--official-weights", str(smoke_ckpt)],
+              "is a craft_dist.py checkpoint, not a torchvision/BasicSR weights file "
+              "\\(pass it to eval as --ckpt\\)")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+            cd.main(argv + ["--device", "cpu"])
+    with pytest.raises(common.UserError, match="other.pt is a other.py checkpoint, not a torchvision"):
+        cd.build_phi("alexnet", tmp_path / "other.pt")                  # weights --phi-weights
+
+
+def test_torchrun_two_ranks_agree(tmp_path, tiny_hr_dir):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "ddp_train_probe.py"), "craft_dist", *train_args(out, tiny_hr_dir, "--steps", "3")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["world"] == 2 and r["models"] >= 1 for r in ranks)
+    assert all(r["ranks_agree"] for r in ranks) and ranks[0]["checksum"] == ranks[1]["checksum"]
+    ckpt = common.load_checkpoint(out / "last.pt", "craft_dist", ("sr",))
+    assert ckpt["step"] == 3 and sorted(p.name for p in out.iterdir()) == ["last.pt", "log.jsonl"]   # no stray temp
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]  # rank 0
