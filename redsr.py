@@ -34,15 +34,18 @@ Usage:
     python redsr.py train --data-dir DIV2K/HR --degradation aniso_noise --out-dir runs/redsr/aniso
     python redsr.py eval --ckpt runs/redsr/joint/last.pt --data Set5 Set14 --protocol gaussian8
     python redsr.py eval --official-weights setting1_ckp.tar --data Set5
+    python redsr.py eval --ckpt runs/redsr/joint/last.pt --data Urban100 --tile 128  # bounded memory; E sees one tile
     python redsr.py embed --ckpt runs/redsr/joint/last.pt --data Set5 --out embed.png
     torchrun --nproc_per_node=4 redsr.py train --data-dir DF2K/HR
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -420,21 +423,51 @@ def training_step(model: nn.Module, batch, cfg: Config, device, amp: bool):
     return loss, scalars
 
 
-def _restore(path, model, optimizer, scheduler, device) -> int:
+def _restore(path, model, optimizer, scheduler, dist, device) -> int:
     ckpt = common.load_checkpoint(path, SCRIPT, STAGES, device=device)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    common.set_rng_state(ckpt["rng"])
+    written_by = len(ckpt["rng"].get("ranks", [None]))
+    if written_by != dist.world_size and dist.is_main:
+        print(f"note: {path} was written by {written_by} process(es), this run has {dist.world_size}: the random "
+              f"degradations do not continue exactly")
+    common.set_rng_state(ckpt["rng"], dist)  # this rank's own state (each rank draws its own degradations)
     return int(ckpt["step"])
 
 
+def _payload(cfg: Config, step: int, model: ReDSR, optimizer, scheduler, rng: dict) -> dict:
+    """Everything --resume needs to continue exactly (self-describing, DESIGN.md convention 5)."""
+    return {"script": SCRIPT, "stage": "joint", "step": step, "config": dataclasses.asdict(cfg),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": rng}
+
+
+@contextlib.contextmanager
+def _signals_stop_the_loop():
+    """common.stop_on_signals() while the loop runs; the previous SIGINT/SIGTERM handlers come back afterwards."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield common.stop_on_signals()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def train_joint(cfg: Config, args, resume_path: Path | None) -> Path:
-    """The single joint stage [Sec. 4.1]: E, D, G trained together with one Adam; lr halved periodically."""
+    """The single joint stage [Sec. 4.1]; the process group is left on every exit path."""
     device = common.pick_device(args.device)
     dist = common.ddp_setup(device)
-    common.seed_everything(cfg.seed + dist.rank)
-    out_dir = Path(args.out_dir)
+    try:
+        return _fit_joint(cfg, args, resume_path, dist, device)
+    finally:
+        common.ddp_teardown(dist)
+
+
+def _fit_joint(cfg: Config, args, resume_path: Path | None, dist, device) -> Path:
+    """E, D, G trained together with one Adam; lr halved periodically. SIGINT/SIGTERM: finish the step, write
+    last.pt, return. A non-finite loss (mean over ranks) stops before backward(), last.pt untouched."""
+    common.seed_everything(cfg.seed + dist.rank)  # each rank draws its own degradations and prior samples
     model = build_model(cfg).to(device)
     if args.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -442,35 +475,40 @@ def train_joint(cfg: Config, args, resume_path: Path | None) -> Path:
     # one Adam over E + D + G == the release's three identical Adams [Sec. 4.1, DEV]
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_halve_every, gamma=0.5)
-    start = _restore(resume_path, model, optimizer, scheduler, device) if resume_path else 0
+    start = _restore(resume_path, model, optimizer, scheduler, dist, device) if resume_path else 0
     net = common.wrap_ddp(model, dist)
     dataset = common.HRPatches(args.data_dir, cfg.lr_patch * cfg.scale, crops_per_item=2)
     # step k always draws the same items, so --resume continues exactly [common]
     batches = common.infinite_batches(dataset, cfg.batch_size, device, seed=cfg.seed, start_step=start,
                                       workers=args.workers, dist=dist)
-    log = common.RunLog(out_dir, cfg.steps, enabled=dist.rank == 0, start_step=start)
-    last = out_dir / "last.pt"
-    for step in range(start + 1, cfg.steps + 1):
-        pairs_hr = next(batches)  # (B, 2, 3, P, P)
-        kernels, noise = sample_degradations(pairs_hr.shape[0], cfg.degradation, cfg.sigma_min, cfg.sigma_max,
-                                             cfg.noise_max, cfg.kernel_size, device)
-        batch = degrade_pairs(pairs_hr, kernels, noise, cfg.scale)
-        loss, scalars = training_step(net, batch, cfg, device, args.amp)
-        if not torch.isfinite(loss):
-            raise common.UserError(f"non-finite loss at step {step} ({scalars}); last good checkpoint: {last}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if dist.rank == 0 and (step % args.log_every == 0 or step == cfg.steps):
-            log.log(step, "joint", loss=loss.item(), **scalars, lr=optimizer.param_groups[0]["lr"])
-        if dist.rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
-            common.save_checkpoint(last, {
-                "script": SCRIPT, "stage": "joint", "step": step, "config": dataclasses.asdict(cfg),
-                "model": common.unwrap(net).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": common.rng_state()})
-    batches.close()
-    common.ddp_teardown(dist)
+    out_dir = Path(args.out_dir)
+    log = common.RunLog(out_dir, cfg.steps, enabled=dist.is_main, start_step=start)
+    last, last_good = out_dir / "last.pt", resume_path or "(none written yet)"
+    with _signals_stop_the_loop() as flag, contextlib.closing(batches):
+        for step in range(start + 1, cfg.steps + 1):
+            pairs_hr = next(batches)  # (B, 2, 3, P, P)
+            kernels, noise = sample_degradations(pairs_hr.shape[0], cfg.degradation, cfg.sigma_min, cfg.sigma_max,
+                                                 cfg.noise_max, cfg.kernel_size, device)
+            batch = degrade_pairs(pairs_hr, kernels, noise, cfg.scale)
+            loss, scalars = training_step(net, batch, cfg, device, args.amp)
+            loss_mean = common.all_reduce_mean(loss.detach(), dist)  # same value on every rank: all stop together
+            common.check_finite(loss_mean, step, last_good)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if step % args.log_every == 0 or step == cfg.steps:  # loss: mean over ranks; terms: rank 0's
+                log.log(step, "joint", loss=loss_mean.item(), **scalars, lr=optimizer.param_groups[0]["lr"])
+            stop = step < cfg.steps and common.stop_requested(flag, dist, device)  # collective under DDP
+            if step % cfg.save_every == 0 or step == cfg.steps or stop:
+                rng = common.rng_state(dist)  # every rank's state; collective under DDP
+                if dist.is_main:
+                    common.save_checkpoint(last, _payload(cfg, step, model, optimizer, scheduler, rng))
+                last_good = last
+            if stop:
+                if dist.is_main:
+                    print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
+                break
     return last
 
 
@@ -488,29 +526,35 @@ def load_for_inference(args, device) -> tuple[ReDSR, Config]:
         model.load_state_dict(ckpt["model"])
     else:
         raise common.UserError("give --ckpt FILE (from `train`) or --official-weights FILE")
+    if args.scale != cfg.scale:
+        raise common.UserError(f"{args.ckpt or args.official_weights} is a x{cfg.scale} model (ReDSR is x4 only) but "
+                               f"--scale {args.scale} was given: use --scale {cfg.scale}")
     return model.to(device).eval(), cfg
 
 
 def evaluate(args) -> list[dict]:
     """Benchmark loop of protocol.md (Gaussian8, aniso+noise, bicubic) plus the bicubic reference row."""
     device = common.pick_device(args.device)
+    if args.tile < 0 or args.tile_overlap < 0:
+        raise common.UserError(f"--tile and --tile-overlap must be >= 0, got {args.tile} and {args.tile_overlap}")
     model, cfg = load_for_inference(args, device)
-    if args.scale != cfg.scale:
-        raise common.UserError(f"ReDSR is x{cfg.scale} only; got --scale {args.scale}")
+    name = f"ReDSR x{args.scale}" + (f" tile{args.tile}" if args.tile else "")
     out_dir = Path(args.out_dir)
 
     @torch.no_grad()
-    def sr_fn(img_lr):
+    def whole_image_sr(img_lr):
         with common.autocast(device, args.amp):
             return model.super_resolve(img_lr).float()
 
+    # tile 0: the function itself; otherwise E sees one tile at a time (f pools globally), so outputs differ
+    sr_fn = common.tiled(whole_image_sr, args.scale, args.tile, args.tile_overlap)
     summary = []
     save_dir = out_dir / "images" if args.save_images else None
     for data in args.data:
         rows = common.run_benchmark(sr_fn, data, args.protocol, args.scale, root=args.data_root, device=device,
                                     save_dir=save_dir, limit=args.limit)
         method = common.summarize(rows)
-        common.report(method, f"ReDSR x{args.scale} {args.protocol} {data}", out_dir)
+        common.report(method, f"{name} {args.protocol} {data}", out_dir)
         ref = common.summarize(common.run_benchmark(common.bicubic_sr(args.scale), data, args.protocol,
                                                     args.scale, root=args.data_root, device=device,
                                                     limit=args.limit))
@@ -646,6 +690,9 @@ def load_official(path) -> tuple[ReDSR, Config]:
         raise common.UserError(f"cannot read {path}: {err}") from err
     if not isinstance(state, dict):
         raise common.UserError(f"{path} does not hold a dict")
+    if "script" in state:  # one of our own checkpoints
+        raise common.UserError(f"{path} was written by {state['script']}.py, not released with ReDSR: "
+                               f"pass a redsr.py checkpoint with --ckpt")
     parts = split_official(state)
     # the layout comes from the keys: groups "body.{g}.body.{j}", the group's closing conv is j = n_blocks
     groups = {int(m.group(1)) for k in parts["generator"] if (m := re.match(r"body\.(\d+)\.body\.", k))}
@@ -686,6 +733,11 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_args(ev)
     common.add_run_args(ev)
     common.add_eval_args(ev)
+    ev.add_argument("--tile", type=int, default=0,
+                    help="super-resolve LR tiles of N px to bound memory (default 0: whole image). The encoder E "
+                         "pools globally, so it then estimates the degradation from one tile at a time: the output "
+                         "differs from the whole-image output unless the tile covers the LR image")
+    ev.add_argument("--tile-overlap", type=int, default=16, help="LR px of context around each tile (default 16)")
     em = sub.add_parser("embed", help="PCA scatter of representations and prior samples [Fig. 9]")
     _inference_args(em)
     common.add_run_args(em)

@@ -1,6 +1,11 @@
 """ReDSR: parameter counts, networks, losses, batch construction, converter, CLI end-to-end, exact resume."""
 import json
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -302,6 +307,123 @@ def test_user_errors(tiny_hr_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         redsr.main(["--help"])
     assert exit_info.value.code == 0
+
+
+# ---- robustness: signals, non-finite loss, tiling, wrong inputs, torchrun ----------------------------------
+@pytest.fixture
+def signal_handlers_restored():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield saved
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@pytest.fixture(scope="module")
+def smoke_ckpt(tiny_hr_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("redsr_smoke")
+    return redsr.main(["train", *SMOKE, "--data-dir", str(tiny_hr_dir), "--out-dir", str(out), "--steps", "2"])
+
+
+def test_sigterm_writes_last_and_resume_continues_exactly(tiny_hr_dir, tmp_path, monkeypatch, capsys,
+                                                          signal_handlers_restored):
+    base = ["train", *SMOKE, "--data-dir", str(tiny_hr_dir), "--degradation", "aniso_noise", "--steps", "6"]
+    redsr.main([*base, "--out-dir", str(tmp_path / "a")])
+    log = common.RunLog.log
+
+    def log_then_signal(self, step, stage, **scalars):
+        log(self, step, stage, **scalars)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(common.RunLog, "log", log_then_signal)
+    last = redsr.main([*base, "--out-dir", str(tmp_path / "b")])
+    assert f"stopped by signal at step 3; checkpoint {last}; continue with --resume" in capsys.readouterr().out
+    assert common.load_checkpoint(last, "redsr", ["joint"])["step"] == 3
+    assert [r["step"] for r in log_records(tmp_path / "b")] == [1, 2, 3]
+    assert signal.getsignal(signal.SIGTERM) == signal_handlers_restored[signal.SIGTERM]  # handlers given back
+    monkeypatch.undo()
+    redsr.main([*base, "--out-dir", str(tmp_path / "b"), "--resume"])
+    a, b = (common.load_checkpoint(tmp_path / d / "last.pt", "redsr") for d in "ab")
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert log_records(tmp_path / "a")[-1]["loss"] == log_records(tmp_path / "b")[-1]["loss"]
+
+
+def test_non_finite_loss_stops_before_the_checkpoint(tiny_hr_dir, tmp_path, monkeypatch, signal_handlers_restored):
+    calls, l_rd = [], redsr.re_degradation_loss
+
+    def nan_on_fifth_call(img2_lr_hat, img2_lr):
+        calls.append(1)
+        value = l_rd(img2_lr_hat, img2_lr)
+        return value * float("nan") if len(calls) == 5 else value
+
+    monkeypatch.setattr(redsr, "re_degradation_loss", nan_on_fifth_call)
+    last = tmp_path / "last.pt"
+    with pytest.raises(SystemExit, match=r"^error: loss became nan at step 5; stopped\. The last good checkpoint is "
+                                         + re.escape(str(last))) as info:
+        redsr.main(["train", *SMOKE, "--data-dir", str(tiny_hr_dir), "--out-dir", str(tmp_path), "--steps", "8",
+                    "--save-every", "2"])
+    assert "\n" not in str(info.value)
+    ckpt = common.load_checkpoint(last, "redsr", ["joint"])
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert log_records(tmp_path)[-1]["step"] == 4  # the bad step never reached the log either
+    assert signal.getsignal(signal.SIGTERM) == signal_handlers_restored[signal.SIGTERM]
+
+
+def test_tiled_eval(smoke_ckpt, tiny_bench_root, tmp_path):
+    def run(out, *flags):
+        return redsr.main(["eval", "--ckpt", str(smoke_ckpt), "--data", "Tiny", "--data-root", str(tiny_bench_root),
+                           "--out-dir", str(tmp_path / out), "--device", "cpu", *flags])
+    whole = run("whole")
+    assert run("cover", "--tile", "16") == whole  # LR is 12x16: one tile covers it, so exactly the same metrics
+    small = run("small", "--tile", "8", "--tile-overlap", "2")  # E sees one 10x10 tile (padded to 24) at a time
+    assert small[-1]["n"] == 16 and np.isfinite(small[-1]["psnr"]) and small[-1]["psnr"] != whole[-1]["psnr"]
+    assert "ReDSR x4 tile8 gaussian8 Tiny" in (tmp_path / "small" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="error: --tile and --tile-overlap must be >= 0"):
+        run("bad", "--tile", "-1")
+
+
+def test_wrong_scale_and_foreign_checkpoints(smoke_ckpt, tiny_hr_dir, tiny_bench_root, tmp_path):
+    bench = ["--data", "Tiny", "--data-root", str(tiny_bench_root), "--device", "cpu", "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"^error: .* is a x4 model .* --scale 2 was given: use --scale 4$"):
+        redsr.main(["eval", "--ckpt", str(smoke_ckpt), "--scale", "2", *bench])
+    with pytest.raises(SystemExit, match=r"error: .* x4 model .*--scale 3"):
+        redsr.main(["embed", "--ckpt", str(smoke_ckpt), "--scale", "3", *bench])
+    assert not (tmp_path / "results.csv").exists()  # refused before running anything
+    common.save_checkpoint(other := tmp_path / "other.pt", {"script": "kdsr", "stage": "teacher", "step": 1,
+                                                            "config": {}, "model": {}})
+    common.save_checkpoint(wrong_stage := tmp_path / "stage.pt", {"script": "redsr", "stage": "x", "step": 1})
+    train = ["train", *SMOKE, "--data-dir", str(tiny_hr_dir), "--out-dir", str(tmp_path)]
+    for argv, message in (
+            (["eval", "--ckpt", str(other), *bench], "written by kdsr.py, not redsr.py"),
+            ([*train, "--resume", str(other)], "written by kdsr.py, not redsr.py"),
+            (["eval", "--ckpt", str(wrong_stage), *bench], "is a 'x' checkpoint; expected stage joint"),
+            ([*train, "--resume", str(wrong_stage)], "is a 'x' checkpoint; expected stage joint"),
+            (["eval", "--official-weights", str(smoke_ckpt), *bench], "written by redsr.py, not released .* --ckpt")):
+        with pytest.raises(SystemExit, match="^error: .*" + message) as info:
+            redsr.main(argv)
+        assert "\n" not in str(info.value)
+
+
+def test_torchrun_two_ranks_agree(tiny_hr_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "ddp_train_probe.py"), "redsr", "train", *SMOKE, "--data-dir", str(tiny_hr_dir),
+           "--out-dir", str(out), "--steps", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in records) == [0, 1] and all(r["world"] == 2 for r in records)
+    assert all(r["models"] >= 1 and r["ranks_agree"] for r in records)
+    assert records[0]["checksum"] == records[1]["checksum"]
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "log.jsonl"]  # no stray temp file
+    assert [r["step"] for r in log_records(out)] == [1, 2, 3]  # rank 0 alone logs
+    ckpt = common.load_checkpoint(out / "last.pt", "redsr", ["joint"])
+    ranks = ckpt["rng"]["ranks"]  # rank 0 wrote both ranks' RNG states: --resume continues each rank exactly
+    assert ckpt["step"] == 3 and len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
 
 
 def test_line_budget():
