@@ -414,17 +414,22 @@ def load_checkpoint(path, script: str, stages=None, device="cpu") -> dict:
         raise UserError(f"{path} is a '{ckpt.get('stage')}' checkpoint; expected stage {' or '.join(stages)}")
     return ckpt
 
-def stop_on_signals() -> dict:
-    """After this, SIGINT/SIGTERM only set flag["signal"]: the loop finishes its step, writes last.pt and exits.
-    A second SIGINT raises KeyboardInterrupt at once."""
-    flag = {"signal": 0}
+@contextlib.contextmanager
+def stop_on_signals():
+    """`with stop_on_signals() as flag:` SIGINT/SIGTERM only set flag["signal"], so the loop can finish its step,
+    write last.pt and leave; a second SIGINT raises KeyboardInterrupt. The previous handlers return on exit."""
+    flag, previous = {"signal": 0}, {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     def handle(signum, frame):
         if flag["signal"] and signum == signal.SIGINT:
             raise KeyboardInterrupt
         flag["signal"] = signum
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in previous:
         signal.signal(sig, handle)
-    return flag
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 def stop_requested(flag: dict, dist: Dist, device) -> bool:
     """True on every rank once any rank was signalled (under DDP all ranks must stop at the same step)."""

@@ -40,7 +40,7 @@ Usage
 """
 from __future__ import annotations
 
-import argparse, dataclasses, functools, io, json, math, os, signal, time
+import argparse, dataclasses, functools, io, json, math, os, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -548,9 +548,7 @@ def train_sr(cfg: Config, args) -> Path:
                                       workers=args.workers, dist=dist)
     log = common.RunLog(out_dir, cfg.steps, enabled=dist.is_main, start_step=start)
     last_good = (last if args.resume == "last" else args.resume) if args.resume else "(none written yet)"
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    flag = common.stop_on_signals()
-    try:
+    with common.stop_on_signals() as flag:
         for step in range(start + 1, cfg.steps + 1):
             img_hr = next(batches)                                                # (B, 3, P, P)
             img_lr = train_step_lr(img_hr, sampler, step, cfg, dist.rank)        # (B, 3, P/4, P/4)
@@ -570,15 +568,12 @@ def train_sr(cfg: Config, args) -> Path:
                 common.save_checkpoint(last, {
                     "script": SCRIPT, "stage": "sr", "step": step, "config": dataclasses.asdict(cfg),
                     "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": common.rng_state(), **provenance})
+                    "scheduler": scheduler.state_dict(), "rng": common.rng_state(), **provenance})  # per-rank draws are seeded by step
             last_good = last if step % cfg.save_every == 0 or stop else last_good
             if stop and dist.is_main:
                 print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
             if stop:
                 break
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     common.ddp_teardown(dist)
     return last
 

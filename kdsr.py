@@ -39,7 +39,6 @@ import contextlib
 import dataclasses
 import math
 import re
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -360,17 +359,6 @@ def _payload(cfg: Config, stage: str, step: int, model: KDSR, optimizer, rng: di
             "rng": rng, **(extra or {})}
 
 
-@contextlib.contextmanager
-def signals_stop_the_loop():
-    """common.stop_on_signals() while the loop runs; the previous SIGINT/SIGTERM handlers come back afterwards."""
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield common.stop_on_signals()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def fit(cfg: Config, args, stage: str, model: KDSR, step_fn, resume: Path | None, dist, device,
         extra: dict | None = None, find_unused: bool = False) -> Path:
     """The loop both stages share: data, per-sample degradation, step, lr rule, log, atomic checkpoints.
@@ -385,7 +373,7 @@ def fit(cfg: Config, args, stage: str, model: KDSR, step_fn, resume: Path | None
     steps, out_dir = total_steps(cfg, stage), Path(args.out_dir)
     log, last = common.RunLog(out_dir, steps, enabled=dist.is_main, start_step=start), out_dir / "last.pt"
     last_good = resume or "(none written yet)"  # what the non-finite-loss error points to
-    with signals_stop_the_loop() as flag, contextlib.closing(batches):
+    with common.stop_on_signals() as flag, contextlib.closing(batches):
         for step in range(start + 1, steps + 1):
             learning_rate, estimator_only = schedule(cfg, stage, step)
             for group in optimizer.param_groups:

@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import math
 import re
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -443,17 +442,6 @@ def _payload(cfg: Config, step: int, model: ReDSR, optimizer, scheduler, rng: di
             "rng": rng}
 
 
-@contextlib.contextmanager
-def _signals_stop_the_loop():
-    """common.stop_on_signals() while the loop runs; the previous SIGINT/SIGTERM handlers come back afterwards."""
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield common.stop_on_signals()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def train_joint(cfg: Config, args, resume_path: Path | None) -> Path:
     """The single joint stage [Sec. 4.1]; the process group is left on every exit path."""
     device = common.pick_device(args.device)
@@ -484,7 +472,7 @@ def _fit_joint(cfg: Config, args, resume_path: Path | None, dist, device) -> Pat
     out_dir = Path(args.out_dir)
     log = common.RunLog(out_dir, cfg.steps, enabled=dist.is_main, start_step=start)
     last, last_good = out_dir / "last.pt", resume_path or "(none written yet)"
-    with _signals_stop_the_loop() as flag, contextlib.closing(batches):
+    with common.stop_on_signals() as flag, contextlib.closing(batches):
         for step in range(start + 1, cfg.steps + 1):
             pairs_hr = next(batches)  # (B, 2, 3, P, P)
             kernels, noise = sample_degradations(pairs_hr.shape[0], cfg.degradation, cfg.sigma_min, cfg.sigma_max,
