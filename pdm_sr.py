@@ -1,0 +1,838 @@
+"""PDM-SR: Learning the Degradation Distribution for Blind Image Super-Resolution.
+
+Luo et al., CVPR 2022, arXiv 2203.04962. Official code: greatlog/UnpairedSR. Spec: ../shared/specs/pdm_sr.md.
+A probabilistic degradation model (PDM: random blur kernel + conditional random noise) is learned adversarially
+from unpaired LR images and trained jointly with an SR network on the LR images it synthesises.
+
+Paper map (paper element -> symbol here)
+    Eq. 2  y_clean = (x (*) k) down_s, y = y_clean + n  -> blur_downsample, PDM.forward
+    Eqs. 4, 6  k = netK(z_k), spatially invariant       -> KernelModule (softmax over k*k taps)
+    Eq. 5  spatially variant kernels (option)           -> KernelModule(spatial=True), blur_downsample_variant
+    Eq. 10 n = netN(z_n, y_clean)                       -> NoiseModule (y_clean detached)
+    Eq. 11 PDM sampling                                 -> PDM
+    Eq. 12 l_reg = ||n||^2 (mean)                       -> noise_regularizer
+    Eq. 13 l_total = l_adv + lambda l_reg, LSGAN        -> lsgan_generator_loss, lsgan_discriminator_loss, pdm_step
+    Sec. 3.4 joint PDM-SR training                      -> joint_step (PDM, then D, then SR on detached Q8(y))
+    Sec. 4.1 PatchGAN, EDSR-baseline / RRDB backbones   -> Discriminator, EDSR, RRDBNet
+    Tab. 4 fixed z_k, z_n ablation                      -> Config.fixed_z (--fixed-z)
+    Figs. 6-7 learned kernels and noise                 -> sample (PNG sheet)
+    Sec. 5 of the spec: offline stand-in "real" LR      -> make_stand_in_lr (`make-lr`)
+
+Deviations (each [DEV] is listed in the README):
+    - [DEV] learning rate halved at steps 50k/100k/150k as in the released configs; the paper text says "every
+      5000 steps" (that was the checkpoint/validation interval).
+    - [DEV] netN as the paper describes (3x3 convs, z_n of shape 3 x h x w, per-pixel 3-channel noise); most
+      released configs use 1x1 convs and the 2020 configs broadcast one noise value per image (issue #15).
+    - [DEV] EDSR mean shift frozen (the release trains it by mistake); official weights load its values as stored.
+    - [DEV] noise head always zero-initialised; seed honoured; one Config instead of the release's YAMLs.
+    - [DEV] metrics: protocol.md Y-channel PSNR/SSIM (shave = scale) instead of the paper's RGB / shift-searched
+      scorers; netSR starts from random init unless --sr-init (the bicubic-pretrained EDSR is not shipped).
+
+Usage:
+    python pdm_sr.py make-lr --hr-dir photos_B --out real_lr --lambda1 1.6 --lambda2 1.6 --noise 10
+    python pdm_sr.py train --hr-dir DIV2K/HR_1-400 --lr-dir DIV2K/LR_unknown_401-800
+    python pdm_sr.py train --stage deg --hr-dir HR --lr-dir LR --out-dir runs/pdm_sr/deg
+    python pdm_sr.py train --stage sr --hr-dir HR --deg-ckpt runs/pdm_sr/deg/last.pt
+    python pdm_sr.py sample --ckpt runs/pdm_sr/joint/last.pt --hr-dir HR --out runs/pdm_sr/sample
+    python pdm_sr.py eval --ckpt runs/pdm_sr/joint/last.pt --data valid/HR --lr-data valid/LR
+    python pdm_sr.py eval --official-weights EDSR_x4.pth --sr-net edsr --data Set5 --protocol gaussian8
+    torchrun --nproc_per_node=4 pdm_sr.py train --hr-dir HR --lr-dir LR
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+SCRIPT = "pdm_sr"
+STAGES = ("joint", "deg", "sr")
+SR_NETS = ("edsr", "rrdb")
+DIV2K_MEAN = (0.4488, 0.4371, 0.4040)          # [official code] EDSR-PyTorch MeanShift, rgb_range 255
+DISC_STRIDE = {"joint": 1, "deg": 2}            # [official code] PatchGAN stride t per training mode
+PDM_FIELDS = ("kernel_size", "zk_dim", "netk_feats", "netk_blocks", "spatial_kernel", "use_noise", "zn_dim",
+              "netn_feats", "netn_blocks", "noise_conv", "fixed_z")
+
+
+# ---- 1. Config ---------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    # run
+    seed: int = 0                    # [ours] honoured (the release ignores it)
+    save_every: int = 5000           # [official code] checkpoint interval
+    # data
+    scale: int = 4                   # [Sec. 4.1] x4
+    hr_patch: int = 128              # [Sec. 4.1] HR crop
+    lr_patch: int = 32               # [Sec. 4.1] real-LR crop, drawn independently (unpaired)
+    batch_size: int = 32             # [Sec. 4.1]
+    # PDM: kernel module
+    kernel_size: int = 21            # [Sec. 4.1] k
+    zk_dim: int = 64                 # [Sec. 4.1] f_k
+    netk_feats: int = 64             # [official code]
+    netk_blocks: int = 16            # [official code]
+    spatial_kernel: bool = False     # [Eq. 5] one kernel per HR pixel (3x3 convs); default invariant [Eq. 6]
+    # PDM: noise module
+    use_noise: bool = True           # [Sec. 4.1] off for the clean 2017Track2
+    zn_dim: int = 3                  # [Sec. 4.1] f_n
+    netn_feats: int = 64             # [official code]
+    netn_blocks: int = 8             # [official code]
+    noise_conv: int = 3              # [Sec. 4.1] 3x3 convs (1: pixel-independent noise)
+    fixed_z: bool = False            # [Tab. 4] z_k = z_n = 0 (deterministic ablation)
+    lambda_reg: float = 100.0        # [Eq. 13] lambda
+    # discriminator, SR network
+    disc_feats: int = 64             # [official code] PatchGAN width
+    sr_net: str = "edsr"             # [Sec. 4.1] edsr (EDSR baseline) | rrdb
+    sr_feats: int = 64               # [Sec. 4.1] EDSR baseline / RRDB width
+    sr_blocks: int = 16              # [Sec. 4.1] EDSR baseline: 16 res-blocks (RRDB: 23)
+    rrdb_growth: int = 32            # [official code] RRDB growth channels
+    # optimisation
+    learning_rate: float = 2e-4      # [Sec. 4.1]
+    beta1: float = 0.9               # [official code]
+    beta2: float = 0.999             # [official code]
+    grad_clip: float = 50.0          # [official code] max gradient norm per network
+    lr_milestones: tuple = (50_000, 100_000, 150_000)  # [official code] halve at these steps [DEV] vs text
+    steps: int = 200_000             # [Sec. 4.1]
+
+
+PRESETS = {
+    "paper": {},
+    "smoke": {"hr_patch": 48, "lr_patch": 12, "batch_size": 4, "netk_feats": 16, "netk_blocks": 2,
+              "netn_feats": 16, "netn_blocks": 1, "disc_feats": 16, "sr_feats": 16, "sr_blocks": 2,
+              "rrdb_growth": 8, "steps": 20, "save_every": 1000, "learning_rate": 1e-3},
+}
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse settings that cannot run."""
+    if cfg.scale != 4:
+        raise common.UserError(f"PDM-SR is x4 here (EDSR/RRDB x4 tails), got scale {cfg.scale}")
+    if cfg.hr_patch != cfg.lr_patch * cfg.scale:
+        raise common.UserError(f"HR patch {cfg.hr_patch} must be {cfg.scale} x LR patch {cfg.lr_patch}")
+    if cfg.hr_patch <= cfg.kernel_size // 2 or cfg.kernel_size % 2 == 0:
+        raise common.UserError(f"kernel size {cfg.kernel_size} must be odd and smaller than the HR patch")
+    if cfg.sr_net not in SR_NETS:
+        raise common.UserError(f"--sr-net must be one of {SR_NETS}, got {cfg.sr_net!r}")
+    if cfg.noise_conv not in (1, 3):
+        raise common.UserError(f"noise_conv must be 1 or 3, got {cfg.noise_conv}")
+    if cfg.batch_size < 2 and not cfg.fixed_z:
+        raise common.UserError("netK's BatchNorm normalises over the batch of z_k: use a batch size >= 2")
+
+
+# ---- 2. Degradation ----------------------------------------------------------------------------------------
+def blur_downsample(img_hr: torch.Tensor, kernels: torch.Tensor, scale: int) -> torch.Tensor:
+    """y_clean = (x (*) k) down_s as ONE grouped stride-s correlation, reflect padding [Eq. 2, spec 1.2].
+
+    img_hr (B, C, H, W), kernels (B, k, k) -> (B, C, H/s, W/s); pixel (i, j) is centred on HR (s i, s j).
+    """
+    b, c, h, w = img_hr.shape
+    pad = kernels.shape[-1] // 2
+    x = F.pad(img_hr.reshape(1, b * c, h, w), (pad,) * 4, mode="reflect")      # (1, B*C, H+2p, W+2p)
+    weight = kernels.repeat_interleave(c, dim=0).unsqueeze(1).to(x)            # (B*C, 1, k, k), no flip
+    # y[b, c, i, j] = sum_{u,v} k_b[u, v] x_pad[b, c, s i + u, s j + v]
+    y = F.conv2d(x, weight, stride=scale, groups=b * c)
+    return y.view(b, c, *y.shape[-2:])
+
+
+def blur_downsample_variant(img_hr: torch.Tensor, kernels: torch.Tensor, scale: int) -> torch.Tensor:
+    """Spatially variant version [Eq. 5] with unfold: kernels (B, k, k, h, w), one per LR output pixel."""
+    b, c, h, w = img_hr.shape
+    k = kernels.shape[1]
+    x = F.pad(img_hr, (k // 2,) * 4, mode="reflect")
+    patches = F.unfold(x, k, stride=scale).view(b, c, k * k, h // scale, w // scale)  # (B, C, k*k, h, w)
+    return (patches * kernels.reshape(b, 1, k * k, h // scale, w // scale).to(x)).sum(dim=2)
+
+
+def soft_round(y: torch.Tensor) -> torch.Tensor:
+    """Differentiable 8-bit rounding used without netN [official code]:
+    Q(y) = y + (1/255) sum_{i=1..5} (-1)^i / (pi i) sin(2 pi i 255 y)."""
+    terms = [(-1) ** i / (math.pi * i) * torch.sin(2 * math.pi * i * 255 * y) for i in range(1, 6)]
+    return y + sum(terms) / 255
+
+
+def kernel_widths(kernel: torch.Tensor) -> torch.Tensor:
+    """Centred second-moment widths of a (k, k) kernel: sqrt of the eigenvalues of its covariance about its
+    centroid, largest first (shift-invariant, spec 5). For a Gaussian these are (lambda1, lambda2)."""
+    k = kernel.double() / kernel.sum()
+    r = torch.arange(k.shape[-1], dtype=torch.float64) - k.shape[-1] // 2
+    y, x = torch.meshgrid(r, r, indexing="ij")
+    mx, my = (k * x).sum(), (k * y).sum()
+    cxx, cyy, cxy = (k * (x - mx) ** 2).sum(), (k * (y - my) ** 2).sum(), (k * (x - mx) * (y - my)).sum()
+    eig = torch.linalg.eigvalsh(torch.stack([torch.stack([cxx, cxy]), torch.stack([cxy, cyy])]))
+    return eig.clamp_min(0).sqrt().flip(0)
+
+
+def make_stand_in_lr(hr_dir, out_dir, lambda1: float, lambda2: float, theta_deg: float, noise: float,
+                     scale: int, seed: int) -> list[Path]:
+    """Offline stand-in for a real LR domain (spec 5): hidden kernel k*, strided correlation, AWGN, 8 bits."""
+    kernel = common.anisotropic_kernels(lambda1, lambda2, math.radians(theta_deg))      # (1, 21, 21)
+    generator = torch.Generator().manual_seed(seed)
+    written = []
+    for path in common.list_images(hr_dir):
+        img_hr = torch.from_numpy(common.modcrop(common.load_uint8(path), scale)).permute(2, 0, 1)[None] / 255
+        y = blur_downsample(img_hr.float(), kernel, scale)
+        y = common.quantize(common.add_noise(y, noise, generator) if noise > 0 else y)
+        common.save_image(y[0], target := Path(out_dir) / f"{path.stem}.png")
+        written.append(target)
+    return written
+
+
+# ---- 3. Networks -------------------------------------------------------------------------------------------
+class ResBlockBN(nn.Module):
+    """conv, BN, ReLU, conv, + input; keys body.0 / body.1 / body.3 [official code]."""
+
+    def __init__(self, feats: int, ksize: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(feats, feats, ksize, padding=ksize // 2), nn.BatchNorm2d(feats),
+                                  nn.ReLU(inplace=True), nn.Conv2d(feats, feats, ksize, padding=ksize // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class KernelModule(nn.Module):
+    """netK [Eqs. 4-6]: z_k (B, f_k, H, W) -> softmax over k*k channels -> kernels (B, k*k, H, W).
+
+    Invariant (default): H = W = 1 and all convs 1x1. Variant [Eq. 5]: 3x3 head/body convs.
+    """
+
+    def __init__(self, zk_dim: int = 64, feats: int = 64, n_blocks: int = 16, kernel_size: int = 21,
+                 spatial: bool = False):
+        super().__init__()
+        ks = 3 if spatial else 1
+        self.deg_kernel = nn.Sequential(
+            nn.Conv2d(zk_dim, feats, ks, padding=ks // 2), nn.BatchNorm2d(feats), nn.ReLU(inplace=True),
+            *[ResBlockBN(feats, ks) for _ in range(n_blocks)],
+            nn.Conv2d(feats, kernel_size ** 2, 1), nn.Softmax(dim=1))
+        last = self.deg_kernel[-2]
+        with torch.no_grad():  # [official code] zero_init: a near-uniform box, centre tap e/(e + k^2 - 1)
+            last.weight.zero_()
+            last.bias.zero_()
+            last.bias[kernel_size ** 2 // 2] = 1.0
+
+    def forward(self, z_k: torch.Tensor) -> torch.Tensor:
+        return self.deg_kernel(z_k)  # (B, k*k, H, W), >= 0, sums to 1 over dim 1
+
+
+class NoiseModule(nn.Module):
+    """netN [Eq. 10]: n = netN(concat(y_clean.detach(), z_n)), (B, 3, h, w); last conv 1x1 zero-initialised."""
+
+    def __init__(self, zn_dim: int = 3, feats: int = 64, n_blocks: int = 8, ksize: int = 3, channels: int = 3):
+        super().__init__()
+        self.deg_noise = nn.Sequential(
+            nn.Conv2d(channels + zn_dim, feats, ksize, padding=ksize // 2), nn.BatchNorm2d(feats),
+            nn.ReLU(inplace=True), *[ResBlockBN(feats, ksize) for _ in range(n_blocks)],
+            nn.Conv2d(feats, channels, 1))
+        nn.init.zeros_(self.deg_noise[-1].weight)  # the model starts noise-free [DEV]
+        nn.init.zeros_(self.deg_noise[-1].bias)
+
+    def forward(self, y_clean: torch.Tensor, z_n: torch.Tensor) -> torch.Tensor:
+        # gradient stopped at the image input: the noise cannot reshape y_clean [spec 1.3]
+        return self.deg_noise(torch.cat([y_clean.detach(), z_n], dim=1))
+
+
+class PDM(nn.Module):
+    """Probabilistic degradation model [Eq. 11, Fig. 2]: x -> (y, kernels, noise); z drawn at every forward."""
+
+    def __init__(self, scale: int = 4, kernel_size: int = 21, zk_dim: int = 64, netk_feats: int = 64,
+                 netk_blocks: int = 16, spatial_kernel: bool = False, use_noise: bool = True, zn_dim: int = 3,
+                 netn_feats: int = 64, netn_blocks: int = 8, noise_conv: int = 3, fixed_z: bool = False):
+        super().__init__()
+        self.scale, self.kernel_size, self.zk_dim, self.zn_dim = scale, kernel_size, zk_dim, zn_dim
+        self.spatial_kernel, self.fixed_z = spatial_kernel, fixed_z
+        self.deg_kernel = KernelModule(zk_dim, netk_feats, netk_blocks, kernel_size, spatial_kernel)
+        self.deg_noise = NoiseModule(zn_dim, netn_feats, netn_blocks, noise_conv) if use_noise else None
+
+    def _z(self, *shape, like: torch.Tensor) -> torch.Tensor:
+        """z ~ N(0, I), or zeros for the fixed-z ablation [Tab. 4]."""
+        return like.new_zeros(shape) if self.fixed_z else torch.randn(shape, device=like.device, dtype=like.dtype)
+
+    def forward(self, img_hr: torch.Tensor):
+        b, _, h, w = img_hr.shape
+        k, s = self.kernel_size, self.scale
+        if self.spatial_kernel:  # [Eq. 5] z_k (B, f_k, H, W); kernels kept at the LR output pixels (s i, s j)
+            kernels = self.deg_kernel(self._z(b, self.zk_dim, h, w, like=img_hr))[:, :, ::s, ::s]
+            kernels = kernels.reshape(b, k, k, h // s, w // s)                   # (B, k, k, h, w)
+            y_clean = blur_downsample_variant(img_hr, kernels, s)
+        else:  # [Eq. 6] z_k (B, f_k, 1, 1)
+            kernels = self.deg_kernel(self._z(b, self.zk_dim, 1, 1, like=img_hr)).view(b, k, k)  # (B, k, k)
+            y_clean = blur_downsample(img_hr, kernels, s)                         # (B, 3, h, w)
+        if self.deg_noise is None:  # clean setting: soft 8-bit rounding, no noise [official code]
+            return soft_round(y_clean), kernels, None
+        noise = self.deg_noise(y_clean, self._z(b, self.zn_dim, *y_clean.shape[-2:], like=img_hr))
+        # y = y_clean + n, no clamp [Eq. 2]
+        return y_clean + noise, kernels, noise
+
+
+class Discriminator(nn.Module):
+    """PatchGAN as released (keys model.0 ... model.11): 64 output channels, stride t in model.2 and model.5."""
+
+    def __init__(self, feats: int = 64, stride: int = 1, in_ch: int = 3, out_ch: int = 64):
+        super().__init__()
+        f = feats
+        def block(cin, cout, st):
+            return [nn.Conv2d(cin, cout, 3, st, 1), nn.InstanceNorm2d(cout), nn.LeakyReLU(0.2, inplace=True)]
+        self.model = nn.Sequential(nn.Conv2d(in_ch, f, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True),
+                                   *block(f, 2 * f, stride), *block(2 * f, 4 * f, stride), *block(4 * f, 8 * f, 1),
+                                   nn.Conv2d(8 * f, out_ch, 3, 1, 1))
+
+    def forward(self, img_lr: torch.Tensor) -> torch.Tensor:
+        return self.model(img_lr)  # (B, 64, h/t^2, w/t^2)
+
+
+class MeanShift(nn.Conv2d):
+    """Fixed 1x1 conv adding sign * 255 * DIV2K mean (EDSR-PyTorch, rgb_range 255); not trainable [DEV]."""
+
+    def __init__(self, sign: float):
+        super().__init__(3, 3, 1)
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.bias.copy_(sign * 255 * torch.tensor(DIV2K_MEAN))
+        self.requires_grad_(False)
+
+
+class ResBlock(nn.Module):
+    """EDSR residual block: conv, ReLU, conv, + input (res scale 1, no BN); keys body.0 / body.2."""
+
+    def __init__(self, feats: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(feats, feats, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(feats, feats, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class EDSR(nn.Module):
+    """EDSR baseline x4 with EDSR-PyTorch key names; input/output in [0, 1] (internally x255)."""
+
+    def __init__(self, feats: int = 64, n_blocks: int = 16):
+        super().__init__()
+        self.sub_mean, self.add_mean = MeanShift(-1.0), MeanShift(1.0)
+        self.head = nn.Sequential(nn.Conv2d(3, feats, 3, padding=1))
+        self.body = nn.Sequential(*[ResBlock(feats) for _ in range(n_blocks)], nn.Conv2d(feats, feats, 3, padding=1))
+        upsampler = nn.Sequential(nn.Conv2d(feats, 4 * feats, 3, padding=1), nn.PixelShuffle(2),
+                                  nn.Conv2d(feats, 4 * feats, 3, padding=1), nn.PixelShuffle(2))
+        self.tail = nn.Sequential(upsampler, nn.Conv2d(feats, 3, 3, padding=1))
+
+    def forward(self, img_lr: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.sub_mean(img_lr * 255))  # (B, F, h, w)
+        x = x + self.body(x)
+        return self.add_mean(self.tail(x)) / 255  # (B, 3, 4h, 4w)
+
+
+class ResidualDenseBlock(nn.Module):
+    """BasicSR dense block: 5 convs with growth g, LeakyReLU(0.2) after the first four; x + 0.2 conv5."""
+
+    def __init__(self, feats: int = 64, growth: int = 32):
+        super().__init__()
+        for i in range(1, 6):
+            setattr(self, f"conv{i}", nn.Conv2d(feats + (i - 1) * growth, feats if i == 5 else growth, 3, 1, 1))
+        self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [x]
+        for i in range(1, 5):
+            feats.append(self.lrelu(getattr(self, f"conv{i}")(torch.cat(feats, 1))))
+        return x + 0.2 * self.conv5(torch.cat(feats, 1))
+
+
+class RRDB(nn.Module):
+    """Residual-in-residual dense block: x + 0.2 rdb3(rdb2(rdb1(x)))."""
+
+    def __init__(self, feats: int = 64, growth: int = 32):
+        super().__init__()
+        self.rdb1, self.rdb2, self.rdb3 = (ResidualDenseBlock(feats, growth) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.2 * self.rdb3(self.rdb2(self.rdb1(x)))
+
+
+class RRDBNet(nn.Module):
+    """RRDBNet x4 (BasicSR key names): nearest x2 + conv + LeakyReLU, twice; input/output in [0, 1]."""
+
+    def __init__(self, feats: int = 64, n_blocks: int = 23, growth: int = 32):
+        super().__init__()
+        self.conv_first = nn.Conv2d(3, feats, 3, 1, 1)
+        self.body = nn.Sequential(*[RRDB(feats, growth) for _ in range(n_blocks)])
+        self.conv_body = nn.Conv2d(feats, feats, 3, 1, 1)
+        self.conv_up1, self.conv_up2, self.conv_hr = (nn.Conv2d(feats, feats, 3, 1, 1) for _ in range(3))
+        self.conv_last = nn.Conv2d(feats, 3, 3, 1, 1)
+        self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+
+    def forward(self, img_lr: torch.Tensor) -> torch.Tensor:
+        feat = self.conv_first(img_lr)
+        feat = feat + self.conv_body(self.body(feat))
+        feat = self.lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        feat = self.lrelu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        return self.conv_last(self.lrelu(self.conv_hr(feat)))  # (B, 3, 4h, 4w)
+
+
+def build_pdm(cfg: Config) -> PDM:
+    return PDM(cfg.scale, **{f: getattr(cfg, f) for f in PDM_FIELDS})
+
+
+def build_sr(cfg: Config) -> nn.Module:
+    if cfg.sr_net == "rrdb":
+        return RRDBNet(cfg.sr_feats, cfg.sr_blocks, cfg.rrdb_growth)
+    return EDSR(cfg.sr_feats, cfg.sr_blocks)
+
+
+# ---- 4. Losses ---------------------------------------------------------------------------------------------
+def lsgan_discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """1/2 [mean((D(y_real) - 1)^2) + mean(D(y_fake)^2)], mean over all PatchGAN outputs [official code]."""
+    return 0.5 * ((d_real.float() - 1).pow(2).mean() + d_fake.float().pow(2).mean())
+
+
+def lsgan_generator_loss(d_fake: torch.Tensor) -> torch.Tensor:
+    """l_adv = mean((D(y_fake) - 1)^2) [Eq. 13, official code]."""
+    return (d_fake.float() - 1).pow(2).mean()
+
+
+def noise_regularizer(noise: torch.Tensor) -> torch.Tensor:
+    """l_reg = ||n||_2^2 as a mean over all noise elements [Eq. 12, official code]."""
+    return noise.float().pow(2).mean()
+
+
+# ---- 5. Training -------------------------------------------------------------------------------------------
+def _update(loss: torch.Tensor, module: nn.Module, optimizer, max_norm: float) -> None:
+    """zero_grad, backward, clip the gradient norm at 50, Adam step [official code]."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
+    optimizer.step()
+
+
+def pdm_step(pdm, disc, optimizer, img_hr, cfg: Config, check) -> tuple[torch.Tensor, dict]:
+    """Step 2: l_total = l_adv + lambda l_reg on the PDM; D frozen (requires_grad off) [Eq. 13]."""
+    img_fake, _, noise = pdm(img_hr)  # (B, 3, h, w), graph kept for l_adv
+    disc_module = common.unwrap(disc)  # no DDP sync: D is not updated by this loss
+    disc_module.requires_grad_(False)
+    l_adv = lsgan_generator_loss(disc_module(img_fake))
+    l_reg = noise_regularizer(noise) if noise is not None else img_fake.new_zeros(())
+    loss = l_adv + cfg.lambda_reg * l_reg
+    check(loss)
+    _update(loss, pdm, optimizer, cfg.grad_clip)
+    disc_module.requires_grad_(True)
+    return img_fake.detach(), {"l_adv": l_adv.item(), "l_reg": l_reg.item()}
+
+
+def disc_step(disc, optimizer, img_real, img_fake, cfg: Config, amp: bool, check) -> dict:
+    """Step 3: LSGAN D loss on real LR and the detached fake (one forward; IN is per sample) [official code]."""
+    with common.autocast(img_real.device, amp):
+        d_out = disc(torch.cat([img_real, img_fake.detach()]))
+    d_real, d_fake = d_out.split([img_real.shape[0], img_fake.shape[0]])
+    loss = lsgan_discriminator_loss(d_real, d_fake)
+    check(loss)
+    _update(loss, disc, optimizer, cfg.grad_clip)
+    return {"l_d": loss.item()}
+
+
+def sr_step(sr_net, optimizer, img_fake, img_hr, cfg: Config, amp: bool, check) -> dict:
+    """Step 4: L1(SR(Q8(y_fake)), x) with Q8 = clamp + round to 1/255, input detached: no SR gradient ever
+    reaches the PDM [Sec. 3.4]."""
+    img_lr = common.quantize(img_fake.detach())  # (B, 3, h, w)
+    with common.autocast(img_hr.device, amp):
+        img_sr = sr_net(img_lr)
+    loss = F.l1_loss(img_sr.float(), img_hr)
+    check(loss)
+    _update(loss, sr_net, optimizer, cfg.grad_clip)
+    return {"l_sr": loss.item()}
+
+
+def train_step(stage: str, nets: dict, opts: dict, img_hr, img_real, cfg: Config, amp: bool, check) -> dict:
+    """One step in the released order: PDM, then D, then SR on the pre-update synthetic LR [spec 3]."""
+    scalars = {}
+    if stage == "sr":  # frozen PDM, BN still in train mode as released
+        with torch.no_grad():
+            img_fake = nets["pdm"](img_hr)[0]
+    else:
+        img_fake, scalars = pdm_step(nets["pdm"], nets["disc"], opts["pdm"], img_hr, cfg, check)
+        scalars.update(disc_step(nets["disc"], opts["disc"], img_real, img_fake, cfg, amp, check))
+    if stage != "deg":
+        scalars.update(sr_step(nets["sr"], opts["sr"], img_fake, img_hr, cfg, amp, check))
+    return scalars
+
+
+def build_training(cfg: Config, stage: str, deg_ckpt, sr_init, device) -> tuple[dict, dict, dict]:
+    """Networks, one Adam + one MultiStepLR per trained network [Sec. 4.1]; stage sr loads a frozen PDM;
+    --sr-init fills netSR from official-layout weights (released configs start from a bicubic EDSR)."""
+    nets = {"pdm": build_pdm(cfg).to(device).train()}
+    if stage == "sr":
+        nets["pdm"].load_state_dict(common.load_checkpoint(deg_ckpt, SCRIPT, ("deg", "joint"), "cpu")["pdm"])
+        nets["pdm"].requires_grad_(False)
+    else:
+        nets["disc"] = Discriminator(cfg.disc_feats, DISC_STRIDE[stage]).to(device)
+    if stage != "deg":
+        nets["sr"] = build_sr(cfg)
+        if sr_init:
+            nets["sr"].load_state_dict(convert_official(read_official(sr_init), nets["sr"], cfg.sr_net))
+        nets["sr"].to(device)
+    opts, scheds = {}, {}
+    for name, net in nets.items():
+        params = [p for p in net.parameters() if p.requires_grad]  # mean shift and a frozen PDM excluded
+        if params:
+            opts[name] = torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+            scheds[name] = torch.optim.lr_scheduler.MultiStepLR(opts[name], list(cfg.lr_milestones), 0.5)
+    return nets, opts, scheds
+
+
+def patch_stream(dirs, patch: int, cfg: Config, seed: int, start: int, args, dist, device, what: str):
+    """Endless (B, 3, P, P) crops with flips/transpose (= flips + rot90) [Sec. 4.1]; exact on --resume."""
+    try:
+        dataset = common.HRPatches(dirs, patch)
+    except common.UserError as err:
+        raise common.UserError(f"{what} folder: {str(err).replace('HR training patch', f'{what} patch')}") from None
+    loader = common.infinite_batches(dataset, cfg.batch_size, device, seed=seed, start_step=start,
+                                     workers=args.workers, dist=dist)
+    with torch.random.fork_rng(devices=[]):  # the loader draws a base seed: keep it out of the training RNG
+        return itertools.chain([next(loader)], loader), loader
+
+
+def _payload(cfg, stage, step, nets, opts, scheds, rng, deg_ckpt) -> dict:
+    """Self-describing checkpoint: SR net under "model" (what eval needs), PDM, D, all optimisers/schedulers."""
+    state = {name: common.unwrap(net).state_dict() for name, net in nets.items()}
+    return {"script": SCRIPT, "stage": stage, "step": step, "config": dataclasses.asdict(cfg),
+            "model": state.get("sr"), "pdm": state["pdm"], "disc": state.get("disc"),
+            "optimizer": {k: o.state_dict() for k, o in opts.items()},
+            "scheduler": {k: s.state_dict() for k, s in scheds.items()},
+            "rng": rng, "deg_ckpt": str(deg_ckpt) if deg_ckpt else None}
+
+
+def _restore(path, stage, nets, opts, scheds, dist, device) -> int:
+    ckpt = common.load_checkpoint(path, SCRIPT, (stage,), device=device)
+    for name, net in nets.items():
+        net.load_state_dict(ckpt["model" if name == "sr" else name])
+    for name in opts:
+        opts[name].load_state_dict(ckpt["optimizer"][name])
+        scheds[name].load_state_dict(ckpt["scheduler"][name])
+    common.set_rng_state(ckpt["rng"], dist)  # every rank continues its own z draws
+    return int(ckpt["step"])
+
+
+def train(cfg: Config, args, stage: str, resume: Path | None) -> Path:
+    """Stages joint (Sec. 3.4, default), deg (PDM + D only) and sr (frozen PDM from --deg-ckpt)."""
+    device = common.pick_device(args.device)
+    dist = common.ddp_setup(device)
+    common.seed_everything(cfg.seed + dist.rank)  # each rank draws its own z
+    nets, opts, scheds = build_training(cfg, stage, args.deg_ckpt if stage == "sr" else None,
+                                         args.sr_init, device)
+    start = _restore(resume, stage, nets, opts, scheds, dist, device) if resume else 0
+    wrapped = {k: common.wrap_ddp(n, dist) if k in opts else n for k, n in nets.items()}
+    hr_batches, hr_loader = patch_stream(args.hr_dir, cfg.hr_patch, cfg, cfg.seed, start, args, dist, device, "HR")
+    lr_batches, lr_loader = (patch_stream(args.lr_dir, cfg.lr_patch, cfg, cfg.seed + 1, start, args, dist, device,
+                                                  "LR")
+                             if stage != "sr" else (itertools.repeat(None), None))
+    out_dir = Path(args.out_dir)
+    log, last = common.RunLog(out_dir, cfg.steps, enabled=dist.is_main, start_step=start), out_dir / "last.pt"
+    last_good = [resume or "(none written yet)"]
+    step = start
+
+    def check(loss):
+        common.check_finite(common.all_reduce_mean(loss.detach(), dist), step, last_good[0])
+
+    with common.stop_on_signals() as flag:
+        for step in range(start + 1, cfg.steps + 1):
+            scalars = train_step(stage, wrapped, opts, next(hr_batches), next(lr_batches), cfg, args.amp, check)
+            for sched in scheds.values():
+                sched.step()
+            if step % args.log_every == 0 or step == cfg.steps:
+                lr_now = next(iter(opts.values())).param_groups[0]["lr"]
+                log.log(step, stage, loss=scalars.get("l_sr", scalars.get("l_adv", 0.0)), **scalars, lr=lr_now)
+            stop = step < cfg.steps and common.stop_requested(flag, dist, device)
+            if step % cfg.save_every == 0 or step == cfg.steps or stop:
+                rng = common.rng_state(dist)  # collective under DDP: every rank takes part
+                if dist.is_main:
+                    common.save_checkpoint(last, _payload(cfg, stage, step, nets, opts, scheds, rng, args.deg_ckpt))
+                last_good[0] = last
+            if stop and dist.is_main:
+                print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
+            if stop:
+                break
+    for loader in (hr_loader, lr_loader):
+        if loader is not None:
+            loader.close()
+    common.ddp_teardown(dist)
+    return last
+
+
+# ---- 6. Evaluation -----------------------------------------------------------------------------------------
+def paired_files(hr_dir, lr_dir, scale: int) -> list[tuple[Path, Path]]:
+    """HR/LR validation pairs matched by name: LR stem == HR stem, or HR stem + 'x4' (+ one NTIRE letter)."""
+    lr_by_stem = {p.stem: p for p in common.list_images(lr_dir)}
+    pairs, missing = [], []
+    for hr in common.list_images(hr_dir):
+        names = [hr.stem, f"{hr.stem}x{scale}"] + [f"{hr.stem}x{scale}{c}" for c in "mdw"]
+        found = [lr_by_stem[n] for n in names if n in lr_by_stem]
+        (pairs.append((hr, found[0])) if found else missing.append(hr.name))
+    if missing:
+        raise common.UserError(f"no LR image in {lr_dir} for {len(missing)} HR image(s): {', '.join(missing[:5])} "
+                               f"(expected the same name, or NAMEx{scale}.png)")
+    return pairs
+
+
+def run_paired(sr_fn, hr_dir, lr_dir, scale: int, device, save_dir=None, limit=None) -> list[dict]:
+    """Y PSNR/SSIM (protocol.md 4, shave = scale) of sr_fn on real paired validation data."""
+    rows, set_name = [], Path(hr_dir).name
+    for hr_path, lr_path in paired_files(hr_dir, lr_dir, scale)[:limit]:
+        img_hr = common.modcrop(common.load_uint8(hr_path), scale)
+        img_lr = common.load_image(lr_path)[None].to(device)
+        if tuple(s * scale for s in img_lr.shape[-2:]) != img_hr.shape[:2]:
+            raise common.UserError(f"{lr_path.name} is {tuple(img_lr.shape[-2:])}, expected 1/{scale} of "
+                                   f"{hr_path.name} {img_hr.shape[:2]}")
+        with torch.no_grad():
+            img_sr = common.to_uint8(sr_fn(img_lr))
+        rows.append({"set": set_name, "image": hr_path.stem, "degradation": "paired",
+                     "psnr": common.psnr_y(img_sr, img_hr, scale), "ssim": common.ssim_y(img_sr, img_hr, scale)})
+        if save_dir is not None:
+            common.save_image(img_sr, Path(save_dir) / set_name / f"{hr_path.stem}.png")
+    return rows
+
+
+def load_for_inference(args, device) -> tuple[nn.Module, Config, str]:
+    """The SR network from our checkpoint (config inside) or from released weights."""
+    if bool(args.ckpt) == bool(args.official_weights):
+        raise common.UserError("give exactly one of --ckpt FILE (from `train`) or --official-weights FILE")
+    if args.official_weights:
+        cfg = Config(sr_net=args.sr_net, sr_blocks=23 if args.sr_net == "rrdb" else 16)
+        model = build_sr(cfg)
+        model.load_state_dict(convert_official(read_official(args.official_weights), model, args.sr_net))
+    else:
+        ckpt = common.load_checkpoint(args.ckpt, SCRIPT, ("joint", "sr"), device="cpu")
+        cfg = Config(**ckpt["config"])
+        model = build_sr(cfg)
+        model.load_state_dict(ckpt["model"])
+    if args.scale != cfg.scale:
+        raise common.UserError(f"the model is x{cfg.scale} but --scale {args.scale} was given")
+    return model.to(device).eval(), cfg, f"PDM-SR ({cfg.sr_net})"
+
+
+def evaluate(args) -> list[dict]:
+    """Paired validation (--data HR --lr-data LR) or the benchmark protocols; method + bicubic rows."""
+    device = common.pick_device(args.device)
+    model, cfg, name = load_for_inference(args, device)
+    out_dir = Path(args.out_dir)
+    save_dir = out_dir / "images" if args.save_images else None
+
+    def sr_fn(img_lr):
+        with common.autocast(device, args.amp):
+            return model(img_lr).float()
+
+    if args.lr_data and len(args.data) != 1:
+        raise common.UserError("--lr-data pairs with exactly one HR folder in --data")
+    summary = []
+    for data in args.data:
+        if args.lr_data:
+            rows = run_paired(sr_fn, data, args.lr_data, args.scale, device, save_dir, args.limit)
+            ref = run_paired(common.bicubic_sr(args.scale), data, args.lr_data, args.scale, device, None, args.limit)
+        else:
+            rows = common.run_benchmark(sr_fn, data, args.protocol, args.scale, args.data_root, device, save_dir,
+                                        args.limit)
+            ref = common.run_benchmark(common.bicubic_sr(args.scale), data, args.protocol, args.scale,
+                                       args.data_root, device, limit=args.limit)
+        protocol = "paired" if args.lr_data else args.protocol
+        for method, result in ((name, rows), ("bicubic", ref)):
+            table = common.summarize(result)
+            common.report(table, f"{method} x{args.scale} {protocol} {table[0]['set']}", out_dir)
+        summary += common.summarize(rows)
+    print(f"\nresults: {out_dir / 'results.md'}")
+    return summary
+
+
+def _tile(img: torch.Tensor, size: int):
+    """(3, h, w) float image -> a size x size RGB PIL tile (nearest when enlarging, bicubic when shrinking)."""
+    from PIL import Image
+    pic = Image.fromarray(common.to_uint8(img))
+    return pic.resize((size, size), Image.NEAREST if max(img.shape[-2:]) < size else Image.BICUBIC)
+
+
+def draw_sheet(rows: list[list[tuple]], path: Path, size: int = 96) -> None:
+    """One row per HR image: for every sample, LR | kernel (max -> white) | noise (0.5 + n / (2 max|n|))."""
+    from PIL import Image
+    cols = max(len(r) for r in rows) * 3
+    sheet = Image.new("RGB", (cols * (size + 4), len(rows) * (size + 4)), "white")
+    for i, row in enumerate(rows):
+        for j, (img_lr, kernel, noise) in enumerate(row):
+            kimg = (kernel / kernel.max()).expand(3, -1, -1)
+            nimg = 0.5 + noise / (2 * noise.abs().max().clamp_min(1e-8)) if noise is not None else kimg * 0 + 0.5
+            for m, img in enumerate((img_lr, kimg, nimg)):
+                sheet.paste(_tile(img, size), ((3 * j + m) * (size + 4), i * (size + 4)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+@torch.no_grad()
+def sample(args) -> Path:
+    """Draw --n-samples LR images per HR with the learned PDM (eval-mode BN) and a kernel/noise sheet [Figs. 6-7]."""
+    device = common.pick_device(args.device)
+    ckpt = common.load_checkpoint(args.ckpt, SCRIPT, STAGES, device="cpu")
+    cfg = Config(**ckpt["config"])
+    pdm = build_pdm(cfg)
+    pdm.load_state_dict(ckpt["pdm"])
+    pdm.to(device).eval()
+    common.seed_everything(args.seed if args.seed is not None else cfg.seed)
+    out, rows, widths = Path(args.out), [], []
+    for path in common.list_images(args.hr_dir)[: args.limit]:
+        img_hr = torch.from_numpy(common.modcrop(common.load_uint8(path), cfg.scale)).permute(2, 0, 1) / 255
+        img_lr, kernels, noise = pdm(img_hr.float()[None].to(device).expand(args.n_samples, -1, -1, -1))
+        if cfg.spatial_kernel:  # show the kernel at the centre pixel
+            kernels = kernels[..., kernels.shape[-2] // 2, kernels.shape[-1] // 2]
+        row = []
+        for i in range(args.n_samples):
+            common.save_image(common.quantize(img_lr[i]), out / f"{path.stem}_s{i}.png")
+            row.append((img_lr[i].cpu(), kernels[i].cpu()[None], None if noise is None else noise[i].cpu()))
+            widths.append(kernel_widths(kernels[i].cpu()))
+        rows.append(row)
+    draw_sheet(rows, out / "kernels_noise.png")
+    mean_w = torch.stack(widths).mean(0).tolist()
+    print(f"wrote {len(widths)} LR samples and {out / 'kernels_noise.png'}; mean kernel widths "
+          f"{mean_w[0]:.2f} / {mean_w[1]:.2f} HR px")
+    return out / "kernels_noise.png"
+
+
+# ---- 7. Official weights -----------------------------------------------------------------------------------
+# Only SR networks were released (EDSR-baseline x4 in EDSR-PyTorch names, RRDBNet in BasicSR names); our modules
+# use the same key names, so the map is the identity after unwrapping containers and stripping prefixes [spec 6].
+CONTAINERS = ("params_ema", "params", "state_dict", "model", "netSR")
+LAYOUT_HINT = {"edsr": "head.0.weight", "rrdb": "conv_first.weight"}
+
+
+def read_official(path) -> dict:
+    """The released state dict: containers unwrapped, 'module.' and manifest 'netSR@<cfg>/' prefixes stripped."""
+    if not Path(path).is_file():
+        raise common.UserError(f"official weights not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad user file
+        raise common.UserError(f"cannot read {path}: {err}") from None
+    while isinstance(state, dict) and len(state) and any(isinstance(state.get(c), dict) for c in CONTAINERS):
+        state = next(state[c] for c in CONTAINERS if isinstance(state.get(c), dict))
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise common.UserError(f"{path} does not hold a state dict of tensors")
+    return {k.rsplit("/", 1)[-1].removeprefix("module."): v for k, v in state.items()}
+
+
+def convert_official(state: dict, model: nn.Module, sr_net: str) -> dict:
+    """Strict coverage both ways: every official key used, every parameter/buffer of ours filled, shapes equal."""
+    other = next(n for n in SR_NETS if n != sr_net)
+    if LAYOUT_HINT[other] in state and LAYOUT_HINT[sr_net] not in state:
+        raise common.UserError(f"these weights are a {other.upper()} network: use --sr-net {other}")
+    ours = model.state_dict()
+    unknown = [k for k in state if k not in ours]
+    mismatched = [f"{k} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}" for k, v in state.items()
+                  if k in ours and v.shape != ours[k].shape]
+    missing = [k for k in ours if k not in state]
+    for what, bad in (("unexpected official keys", unknown), ("shape mismatches", mismatched),
+                      ("parameters not filled", missing)):
+        if bad:
+            raise common.UserError(f"{sr_net} weights: {what} ({len(bad)}): {', '.join(bad[:5])}"
+                                   f"{' ...' if len(bad) > 5 else ''}")
+    return {k: v.to(ours[k].dtype) for k, v in state.items()}
+
+
+# ---- 8. CLI ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdm_sr.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="PDM + SR on unpaired HR/LR (joint), or the two-step deg / sr stages")
+    tr.add_argument("--stage", choices=STAGES, default="joint")
+    tr.add_argument("--preset", choices=tuple(PRESETS), default="paper")
+    tr.add_argument("--hr-dir", "--data-dir", dest="hr_dir", nargs="+", required=True, help="clean HR folder(s)")
+    tr.add_argument("--lr-dir", nargs="+", help="real LR folder(s), unpaired (stages joint and deg)")
+    tr.add_argument("--deg-ckpt", help="stage sr: a deg/joint checkpoint whose PDM generates the pairs")
+    tr.add_argument("--steps", type=int)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--save-every", type=int)
+    tr.add_argument("--resume", nargs="?", const="", help="checkpoint to resume (no value: <out-dir>/last.pt)")
+    tr.add_argument("--sr-net", choices=SR_NETS)
+    tr.add_argument("--noise", dest="use_noise", action=argparse.BooleanOptionalAction, default=None,
+                    help="--no-noise removes netN (clean LR domain)")
+    tr.add_argument("--fixed-z", action=argparse.BooleanOptionalAction, default=None, help="z_k = z_n = 0 [Tab. 4]")
+    tr.add_argument("--spatial-kernel", action=argparse.BooleanOptionalAction, default=None, help="[Eq. 5]")
+    tr.add_argument("--lambda-reg", type=float, help="noise regulariser weight (paper 100)")
+    tr.add_argument("--sr-init", help="initialise netSR from official-layout weights (EDSR-PyTorch / BasicSR)")
+    common.add_run_args(tr)
+    ev = sub.add_parser("eval", help="paired validation data or benchmark protocols, + bicubic row")
+    ev.add_argument("--ckpt", help="joint or sr checkpoint written by `train`")
+    ev.add_argument("--official-weights", help="released SR checkpoint (.pth)")
+    ev.add_argument("--sr-net", choices=SR_NETS, default="edsr", help="layout of --official-weights")
+    ev.add_argument("--lr-data", help="LR folder matched by name to the single HR folder in --data")
+    common.add_run_args(ev)
+    common.add_eval_args(ev)
+    sa = sub.add_parser("sample", help="draw LR images and a kernel/noise sheet from a learned PDM")
+    sa.add_argument("--ckpt", required=True)
+    sa.add_argument("--hr-dir", required=True)
+    sa.add_argument("--out", required=True, help="output folder")
+    sa.add_argument("--n-samples", type=int, default=4)
+    sa.add_argument("--limit", type=int, default=4, help="first N HR images")
+    sa.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sa.add_argument("--seed", type=int, default=None)
+    mk = sub.add_parser("make-lr", help="offline stand-in real LR: hidden kernel + noise (spec 5)")
+    mk.add_argument("--hr-dir", required=True)
+    mk.add_argument("--out", required=True)
+    mk.add_argument("--lambda1", type=float, default=1.6)
+    mk.add_argument("--lambda2", type=float, default=1.6)
+    mk.add_argument("--theta", type=float, default=0.0, help="degrees")
+    mk.add_argument("--noise", type=float, default=10.0, help="sigma on 0-255")
+    mk.add_argument("--scale", type=int, default=4)
+    mk.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def config_from_args(args) -> Config:
+    """Preset, then explicit flags; with --resume the checkpoint's config (only --steps may change)."""
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "save_every": args.save_every,
+                 "sr_net": args.sr_net, "use_noise": args.use_noise, "fixed_z": args.fixed_z,
+                 "spatial_kernel": args.spatial_kernel, "lambda_reg": args.lambda_reg, "seed": args.seed}
+    cfg = dataclasses.replace(Config(), **PRESETS[args.preset])
+    if args.sr_net == "rrdb":
+        cfg.sr_blocks = 23 if args.preset == "paper" else cfg.sr_blocks
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def prepare_train(args) -> tuple[Config, Path | None]:
+    args.out_dir = args.out_dir or f"runs/{SCRIPT}/{args.stage}"
+    cfg, resume = config_from_args(args), None
+    if args.resume is not None:
+        resume = Path(args.resume or Path(args.out_dir) / "last.pt")
+        saved = common.load_checkpoint(resume, SCRIPT, (args.stage,))
+        cfg = dataclasses.replace(Config(**saved["config"]), steps=args.steps or saved["config"]["steps"])
+        args.deg_ckpt = saved.get("deg_ckpt") or args.deg_ckpt
+    elif args.stage == "sr":
+        if not args.deg_ckpt:
+            raise common.UserError("stage sr needs --deg-ckpt FILE (a deg or joint checkpoint)")
+        saved = common.load_checkpoint(args.deg_ckpt, SCRIPT, ("deg", "joint"))["config"]
+        cfg = dataclasses.replace(cfg, **{f: saved[f] for f in PDM_FIELDS}, scale=saved["scale"])
+    if args.stage != "sr" and not args.lr_dir:
+        raise common.UserError(f"stage {args.stage} needs --lr-dir: the unpaired real LR images")
+    check_config(cfg)
+    return cfg, resume
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            cfg, resume = prepare_train(args)
+            return train(cfg, args, args.stage, resume)
+        if args.command == "make-lr":
+            written = make_stand_in_lr(args.hr_dir, args.out, args.lambda1, args.lambda2, args.theta, args.noise,
+                                       args.scale, args.seed)
+            return print(f"wrote {len(written)} LR images to {args.out}")
+        if args.command == "sample":
+            return sample(args)
+        args.out_dir = args.out_dir or f"runs/{SCRIPT}/eval"
+        return evaluate(args)
+    except common.UserError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

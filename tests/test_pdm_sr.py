@@ -1,0 +1,315 @@
+"""PDM-SR: parameter counts, degradation operator, kernel/noise properties, gradient isolation of the joint step,
+official-weights converter, kernel recovery on a hidden degradation, CLI end-to-end, exact resume."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import pdm_sr
+
+SMOKE = ["--preset", "smoke", "--device", "cpu", "--workers", "0", "--log-every", "1"]
+
+
+def count(module, trainable=False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+
+def log_records(out_dir) -> list[dict]:
+    return [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
+
+
+def dead_leaves(seed: int, size: int = 128, n: int = 400) -> torch.Tensor:
+    """Occluding disks with power-law radii: edges at every scale, so blur width is identifiable. (3, S, S)"""
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size, 3), 128.0)
+    y, x = np.mgrid[0:size, 0:size]
+    for _ in range(n):
+        r = min(3 * (1 - rng.random()) ** -0.8, 40)
+        cy, cx = rng.uniform(-10, size + 10, 2)
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    return torch.from_numpy(np.round(img)).permute(2, 0, 1).float() / 255
+
+
+# ---- networks ----------------------------------------------------------------------------------------------
+def test_parameter_counts_match_spec():
+    pdm = pdm_sr.build_pdm(pdm_sr.Config())
+    assert count(pdm.deg_kernel) == 168_121  # z_k 64, 21x21, 16 blocks
+    assert sum(b.numel() for b in pdm.deg_kernel.buffers()) == 17 * (64 + 64 + 1)
+    assert count(pdm.deg_noise) == 595_715
+    assert count(pdm_sr.build_pdm(pdm_sr.Config(use_noise=False))) == 168_121  # 2017Track2: no netN
+    assert count(pdm_sr.Discriminator(stride=1)) == count(pdm_sr.Discriminator(stride=2)) == 1_845_952
+    edsr = pdm_sr.EDSR()
+    assert count(edsr) == 1_517_595 and count(edsr, trainable=True) == 1_517_571
+    assert not any(p.requires_grad for m in (edsr.sub_mean, edsr.add_mean) for p in m.parameters())
+    assert count(pdm_sr.RRDBNet()) == 16_697_987
+
+
+def test_shapes_and_initial_kernel():
+    torch.manual_seed(0)
+    pdm = pdm_sr.build_pdm(pdm_sr.Config())
+    img_lr, kernels, noise = pdm(torch.rand(2, 3, 128, 128))
+    assert img_lr.shape == noise.shape == (2, 3, 32, 32) and kernels.shape == (2, 21, 21)
+    centre = math.e / (math.e + 440)  # zero_init: near-uniform box, not a delta
+    assert torch.allclose(kernels[:, 10, 10], torch.tensor(centre), atol=1e-6)
+    assert torch.allclose(kernels[:, 0, 0], torch.tensor(1 / (math.e + 440)), atol=1e-6)
+    assert torch.equal(noise, torch.zeros_like(noise))  # netN starts noise-free
+    x = torch.rand(2, 3, 32, 32)
+    assert pdm_sr.Discriminator(stride=1)(x).shape == (2, 64, 32, 32)
+    assert pdm_sr.Discriminator(stride=2)(x).shape == (2, 64, 8, 8)
+    assert pdm_sr.EDSR(16, 2)(torch.rand(1, 3, 8, 10)).shape == (1, 3, 32, 40)
+    assert pdm_sr.RRDBNet(16, 1, 8)(torch.rand(1, 3, 8, 10)).shape == (1, 3, 32, 40)
+
+
+# ---- degradation -------------------------------------------------------------------------------------------
+def test_delta_kernel_is_exact_subsample():
+    x = torch.rand(3, 3, 40, 48)
+    delta = torch.zeros(3, 21, 21)
+    delta[:, 10, 10] = 1
+    assert torch.equal(pdm_sr.blur_downsample(x, delta, 4), x[:, :, ::4, ::4])
+
+
+def test_grouped_conv_equals_unfold_equals_loop():
+    torch.manual_seed(0)
+    x, kernels = torch.rand(3, 3, 32, 36), torch.rand(3, 21, 21)
+    kernels /= kernels.sum(dim=(1, 2), keepdim=True)
+    grouped = pdm_sr.blur_downsample(x, kernels, 4)
+    loop = torch.cat([pdm_sr.blur_downsample(x[i:i + 1], kernels[i:i + 1], 4) for i in range(3)])
+    by_hand = torch.zeros(3, 3, 8, 9)  # y[b, c, i, j] = sum k[u, v] x_pad[b, c, 4i + u, 4j + v]
+    x_pad = torch.nn.functional.pad(x, (10,) * 4, mode="reflect")
+    for i in range(8):
+        for j in range(9):
+            by_hand[:, :, i, j] = (x_pad[:, :, 4 * i:4 * i + 21, 4 * j:4 * j + 21] * kernels[:, None]).sum((2, 3))
+    variant = pdm_sr.blur_downsample_variant(x, kernels[..., None, None].expand(-1, -1, -1, 8, 9), 4)
+    for other in (loop, by_hand, variant):
+        torch.testing.assert_close(grouped, other, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_learned_kernels_nonnegative_and_sum_to_one(spatial):
+    torch.manual_seed(0)
+    pdm = pdm_sr.PDM(netk_feats=16, netk_blocks=2, spatial_kernel=spatial, use_noise=False)
+    with torch.no_grad():
+        for p in pdm.parameters():
+            p.add_(torch.randn_like(p))  # far from the init
+    _, kernels, _ = pdm(torch.rand(3, 3, 32, 32))
+    assert kernels.shape == ((3, 21, 21, 8, 8) if spatial else (3, 21, 21))
+    assert (kernels >= 0).all()
+    torch.testing.assert_close(kernels.sum(dim=(1, 2)), torch.ones(kernels.shape[:1] + kernels.shape[3:]))
+    assert kernels.std(dim=0).max() > 1e-4  # z_k really varies the kernel
+
+
+def test_pdm_with_hidden_kernel_reproduces_stand_in():
+    """Spec 5 unit check: netK's last layer outputs log k* -> the PDM's clean LR equals the hidden degradation."""
+    hidden = common.isotropic_kernels(1.6)
+    pdm = pdm_sr.PDM(netk_feats=16, netk_blocks=1, netn_feats=8, netn_blocks=1)
+    with torch.no_grad():
+        pdm.deg_kernel.deg_kernel[-2].bias.copy_(hidden.flatten().log())
+    x = torch.rand(2, 3, 64, 64)
+    img_lr, kernels, _ = pdm(x)
+    torch.testing.assert_close(kernels, hidden.expand(2, -1, -1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(img_lr, pdm_sr.blur_downsample(x, hidden.expand(2, -1, -1), 4), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_losses_and_soft_round():
+    assert pdm_sr.noise_regularizer(torch.zeros(2, 3, 8, 8)).item() == 0.0
+    assert pdm_sr.noise_regularizer(torch.full((2, 3, 8, 8), 0.1)).item() == pytest.approx(0.01)
+    d = torch.randn(2, 64, 4, 4)
+    assert pdm_sr.lsgan_discriminator_loss(torch.ones_like(d), torch.zeros_like(d)).item() == 0.0
+    assert pdm_sr.lsgan_generator_loss(torch.ones_like(d)).item() == 0.0
+    assert pdm_sr.lsgan_discriminator_loss(d, d).item() > 0
+    y = (torch.arange(0, 255).float() + torch.rand(255) * 0.6 - 0.3) / 255  # away from the ties
+    err = (pdm_sr.soft_round(y) - torch.round(y * 255) / 255).abs().max() * 255
+    assert err < 0.2 and (y - torch.round(y * 255) / 255).abs().max() * 255 > 0.25
+
+
+def test_fixed_z_is_deterministic_and_random_z_is_not():
+    x = torch.rand(4, 3, 32, 32)
+    fixed = pdm_sr.PDM(netk_feats=8, netk_blocks=1, netn_feats=8, netn_blocks=1, fixed_z=True)
+    with torch.no_grad():
+        fixed.deg_noise.deg_noise[-1].weight.normal_()
+        assert torch.equal(fixed(x)[0], fixed(x)[0])
+        free = pdm_sr.PDM(netk_feats=8, netk_blocks=1, netn_feats=8, netn_blocks=1)
+        free.deg_noise.deg_noise[-1].weight.normal_()
+        assert not torch.equal(free(x)[0], free(x)[0])
+
+
+# ---- joint step --------------------------------------------------------------------------------------------
+def test_gradient_isolation_of_the_joint_step():
+    torch.manual_seed(0)
+    cfg = pdm_sr.Config(**pdm_sr.PRESETS["smoke"])
+    nets, opts, _ = pdm_sr.build_training(cfg, "joint", None, None, "cpu")
+    img_hr, img_real = torch.rand(4, 3, 48, 48), torch.rand(4, 3, 12, 12)
+    ok = lambda loss: None  # noqa: E731
+    before = {k: [p.detach().clone() for p in n.parameters()] for k, n in nets.items()}
+    img_fake, _ = pdm_sr.pdm_step(nets["pdm"], nets["disc"], opts["pdm"], img_hr, cfg, ok)
+    assert all(p.grad is None for n in ("disc", "sr") for p in nets[n].parameters())  # D frozen, SR untouched
+    assert not img_fake.requires_grad
+    assert all(p.requires_grad for p in nets["disc"].parameters())  # D unfrozen again
+    pdm_grads = [p.grad.clone() for p in nets["pdm"].parameters() if p.grad is not None]
+    pdm_sr.disc_step(nets["disc"], opts["disc"], img_real, img_fake, cfg, False, ok)
+    pdm_sr.sr_step(nets["sr"], opts["sr"], img_fake, img_hr, cfg, False, ok)
+    after = [p.grad for p in nets["pdm"].parameters() if p.grad is not None]
+    assert all(torch.equal(a, b) for a, b in zip(pdm_grads, after))  # no SR / D gradient reached the PDM
+    for name in ("pdm", "disc", "sr"):  # every network was updated once
+        assert any(not torch.equal(a, b) for a, b in zip(before[name], nets[name].parameters())), name
+    opts["pdm"].zero_grad(set_to_none=True)
+    pdm_sr.sr_step(nets["sr"], opts["sr"], nets["pdm"](img_hr)[0], img_hr, cfg, False, ok)  # graph attached
+    assert all(p.grad is None for p in nets["pdm"].parameters())
+
+
+def test_kernel_recovery_on_hidden_degradation():
+    """Spec 5: 'real' LR = hidden iso kernel (sigma* = 1.6) + AWGN 10, unpaired; the PDM alone (deg stage step
+    functions) moves the mean kernel's widths and the noise level towards the hidden ones."""
+    torch.manual_seed(0)
+    images = torch.stack([dead_leaves(i) for i in range(8)])
+    hidden, sigma_n = common.isotropic_kernels(1.6), 10 / 255
+    generator = torch.Generator().manual_seed(1)
+    real = common.quantize(common.add_noise(pdm_sr.blur_downsample(images[4:], hidden.expand(4, -1, -1), 4),
+                                            10, generator))  # (4, 3, 32, 32), from the other half of the pool
+    cfg = pdm_sr.Config(netk_feats=32, netk_blocks=2, netn_feats=16, netn_blocks=1, learning_rate=5e-4)
+    pdm, disc = pdm_sr.build_pdm(cfg), pdm_sr.Discriminator(16, stride=1)
+    opt_p, opt_d = (torch.optim.Adam(n.parameters(), lr=cfg.learning_rate) for n in (pdm, disc))
+
+    def crops(pool, size, n=8):
+        idx, top, left = (torch.randint(hi, (n,)) for hi in (len(pool), pool.shape[-1] - size + 1,
+                                                             pool.shape[-1] - size + 1))
+        return torch.stack([pool[i, :, t:t + size, l:l + size] for i, t, l in zip(idx, top, left)])
+
+    def errors():
+        with torch.no_grad():
+            kernel = pdm.deg_kernel(torch.randn(64, 64, 1, 1)).view(64, 21, 21).mean(0)
+            noise = pdm(crops(images[:4], 64))[2]
+        return (pdm_sr.kernel_widths(kernel) - 1.6).norm().item(), abs(noise.std().item() - sigma_n)
+
+    kernel_err0, noise_err0 = errors()
+    for _ in range(120):
+        img_fake, _ = pdm_sr.pdm_step(pdm, disc, opt_p, crops(images[:4], 64), cfg, lambda loss: None)
+        pdm_sr.disc_step(disc, opt_d, crops(real, 16), img_fake, cfg, False, lambda loss: None)
+    kernel_err, noise_err = errors()
+    # box init (widths 6.04) -> 1.6; even a GAN overshoot to a delta (widths ~0) stays below 2.3
+    assert kernel_err0 > 6 and kernel_err < 0.5 * kernel_err0
+    assert noise_err < 0.9 * noise_err0  # zero noise -> towards 10/255
+
+
+# ---- official weights --------------------------------------------------------------------------------------
+def manifest_state(shared, prefix: str, file: str = "pdm_keys.tsv") -> dict:
+    state = {}
+    for line in (shared / "manifests" / file).read_text().splitlines():
+        key, shape = line.split("\t")
+        if key.startswith(prefix):
+            dims = () if shape == "scalar" else tuple(int(d) for d in shape.split("x"))
+            state[key.rsplit("/", 1)[-1]] = torch.randn(dims) if dims else torch.tensor(3)
+    return state
+
+
+@pytest.mark.parametrize("net, prefix, file", [("edsr", "netSR@EDSR", "pdm_keys.tsv"),
+                                               ("rrdb", "netSR@RRDB", "pdm_keys_extra.tsv")])
+def test_converter_loads_manifest_strictly(shared, tmp_path, net, prefix, file, capsys):
+    state = {k: v * 0.01 for k, v in manifest_state(shared, prefix, file).items()}
+    torch.save({"params": state} if net == "rrdb" else state, tmp_path / "w.pth")
+    model = pdm_sr.build_sr(pdm_sr.Config(sr_net=net, sr_blocks=23 if net == "rrdb" else 16))
+    loaded = pdm_sr.convert_official(pdm_sr.read_official(tmp_path / "w.pth"), model, net)
+    assert set(loaded) == set(model.state_dict()) == set(state)
+    x = torch.rand(1, 3, 6, 6)
+    before = model(x)
+    model.load_state_dict(loaded, strict=True)
+    assert not torch.allclose(before, model(x))
+    broken = dict(state)
+    broken.pop(next(iter(broken)))
+    broken["extra.weight"] = torch.zeros(1)
+    torch.save(broken, tmp_path / "bad.pth")
+    with pytest.raises(common.UserError, match="unexpected official keys .*extra.weight"):
+        pdm_sr.convert_official(pdm_sr.read_official(tmp_path / "bad.pth"), model, net)
+    other = "rrdb" if net == "edsr" else "edsr"
+    with pytest.raises(common.UserError, match=f"--sr-net {net}"):
+        pdm_sr.convert_official(state, pdm_sr.build_sr(pdm_sr.Config(sr_net=other)), other)
+
+
+def test_netk_key_layout_matches_release(shared):
+    """The released DegModel layout (no netN, 2017 config) loads strictly into our PDM: same key names."""
+    state = manifest_state(shared, "netDeg@test/2017Track1/")
+    pdm_sr.build_pdm(pdm_sr.Config(use_noise=False)).load_state_dict(state, strict=True)
+
+
+def test_official_weights_eval_and_errors(shared, tmp_path, tiny_bench_root):
+    torch.save(manifest_state(shared, "netSR@EDSR"), tmp_path / "edsr.pth")
+    rows = pdm_sr.main(["eval", "--official-weights", str(tmp_path / "edsr.pth"), "--data", "Tiny", "--data-root",
+                        str(tiny_bench_root), "--protocol", "bicubic", "--device", "cpu", "--out-dir",
+                        str(tmp_path / "ev")])
+    assert rows[-1]["n"] == 2 and math.isfinite(rows[-1]["psnr"])
+    with pytest.raises(SystemExit, match="error: .*--sr-net edsr"):
+        pdm_sr.main(["eval", "--official-weights", str(tmp_path / "edsr.pth"), "--sr-net", "rrdb", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="error: official weights not found"):
+        pdm_sr.main(["eval", "--official-weights", str(tmp_path / "nope.pth"), "--device", "cpu"])
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lr_dir(tiny_hr_dir, tmp_path_factory):
+    """Unpaired 'real' LR: the tiny HR images through a hidden anisotropic kernel + noise 10."""
+    out = tmp_path_factory.mktemp("real_lr")
+    pdm_sr.main(["make-lr", "--hr-dir", str(tiny_hr_dir), "--out", str(out), "--lambda1", "2.5", "--lambda2",
+                 "1.0", "--theta", "30"])
+    return out
+
+
+def test_train_sample_eval_end_to_end(tiny_hr_dir, lr_dir, tiny_bench_root, tmp_path):
+    run = tmp_path / "joint"
+    pdm_sr.main(["train", *SMOKE, "--hr-dir", str(tiny_hr_dir), "--lr-dir", str(lr_dir), "--out-dir", str(run),
+                 "--steps", "4"])
+    assert set(log_records(run)[-1]) >= {"l_adv", "l_reg", "l_d", "l_sr"}
+    sheet = pdm_sr.main(["sample", "--ckpt", str(run / "last.pt"), "--hr-dir", str(tiny_hr_dir), "--out",
+                         str(tmp_path / "sample"), "--n-samples", "3", "--limit", "2", "--device", "cpu"])
+    assert sheet.is_file() and len(list((tmp_path / "sample").glob("*_s*.png"))) == 6
+    assert common.load_uint8(tmp_path / "sample" / "img0_s0.png").shape == (24, 24, 3)
+    rows = pdm_sr.main(["eval", "--ckpt", str(run / "last.pt"), "--data", "Tiny", "--data-root",
+                        str(tiny_bench_root), "--device", "cpu", "--out-dir", str(tmp_path / "ev"), "--save-images"])
+    assert rows[-1]["n"] == 16 and (tmp_path / "ev" / "results.csv").is_file()
+    assert len(list((tmp_path / "ev" / "images").rglob("*.png"))) == 16
+    val_lr = tmp_path / "val_lr"
+    pdm_sr.main(["make-lr", "--hr-dir", str(tiny_bench_root / "Tiny" / "HR"), "--out", str(val_lr)])
+    paired = pdm_sr.main(["eval", "--ckpt", str(run / "last.pt"), "--data", str(tiny_bench_root / "Tiny" / "HR"),
+                          "--lr-data", str(val_lr), "--device", "cpu", "--out-dir", str(tmp_path / "ev2")])
+    assert paired[-1]["n"] == 2 and "bicubic x4 paired" in (tmp_path / "ev2" / "results.md").read_text()
+
+
+def test_two_step_stages_and_switches(tiny_hr_dir, lr_dir, tmp_path):
+    pdm_sr.main(["train", *SMOKE, "--stage", "deg", "--hr-dir", str(tiny_hr_dir), "--lr-dir", str(lr_dir),
+                 "--out-dir", str(tmp_path / "deg"), "--steps", "2", "--no-noise"])
+    deg = common.load_checkpoint(tmp_path / "deg" / "last.pt", "pdm_sr")
+    assert deg["model"] is None and not any(k.startswith("deg_noise") for k in deg["pdm"])
+    assert deg["disc"]["model.2.weight"].shape[0] == 32  # smoke D width 16
+    pdm_sr.main(["train", *SMOKE, "--stage", "sr", "--hr-dir", str(tiny_hr_dir), "--deg-ckpt",
+                 str(tmp_path / "deg" / "last.pt"), "--out-dir", str(tmp_path / "sr"), "--steps", "2"])
+    sr = common.load_checkpoint(tmp_path / "sr" / "last.pt", "pdm_sr")
+    assert all(torch.equal(sr["pdm"][k], v) for k, v in deg["pdm"].items() if "running" not in k
+               and "num_batches" not in k)  # the PDM stayed frozen
+    assert set(sr["optimizer"]) == {"sr"} and sr["config"]["use_noise"] is False
+    with pytest.raises(SystemExit, match="error: stage sr needs --deg-ckpt"):
+        pdm_sr.main(["train", *SMOKE, "--stage", "sr", "--hr-dir", str(tiny_hr_dir)])
+    with pytest.raises(SystemExit, match="error: stage joint needs --lr-dir"):
+        pdm_sr.main(["train", *SMOKE, "--hr-dir", str(tiny_hr_dir)])
+    with pytest.raises(SystemExit, match="error: .*'deg' checkpoint"):
+        pdm_sr.main(["eval", "--ckpt", str(tmp_path / "deg" / "last.pt"), "--device", "cpu"])
+
+
+def test_resume_continues_identically(tiny_hr_dir, lr_dir, tmp_path):
+    base = ["train", *SMOKE, "--hr-dir", str(tiny_hr_dir), "--lr-dir", str(lr_dir)]
+    pdm_sr.main([*base, "--out-dir", str(tmp_path / "a"), "--steps", "6"])
+    pdm_sr.main([*base, "--out-dir", str(tmp_path / "b"), "--steps", "3"])
+    pdm_sr.main([*base, "--out-dir", str(tmp_path / "b"), "--steps", "6", "--resume"])
+    a, b = (common.load_checkpoint(tmp_path / d / "last.pt", "pdm_sr") for d in "ab")
+    assert a["step"] == b["step"] == 6
+    for part in ("model", "pdm", "disc"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for name in ("pdm", "disc", "sr"):
+        assert a["scheduler"][name] == b["scheduler"][name]
+        sa, sb = a["optimizer"][name]["state"], b["optimizer"][name]["state"]
+        assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    ra, rb = log_records(tmp_path / "a")[-1], log_records(tmp_path / "b")[-1]
+    assert all(ra[k] == rb[k] for k in ("l_adv", "l_reg", "l_d", "l_sr"))
