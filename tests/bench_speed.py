@@ -32,12 +32,13 @@ from conftest import synthetic_image  # noqa: E402  (conftest pins one thread fo
 torch.set_num_threads(os.cpu_count() or 1)
 
 # (script, stage label, train argv after `train`, checkpoint the next entries may use as {name}, eval argv or None)
-# Stages are listed in hand-off order; "{data}" is a folder of 512x512 images, "{run}" the run folder.
+# Stages are listed in hand-off order; "{lr}" is a folder of 128x128 "real" LR images (PDM-SR's unpaired input).
 PLAN = [
     ("kdsr", "teacher", ["--stage", "teacher"], "kdsr_t", None),
     ("kdsr", "student", ["--stage", "student", "--teacher-ckpt", "{kdsr_t}"], "kdsr_s", ["--ckpt", "{kdsr_s}"]),
     ("redsr", "joint", [], "redsr", ["--ckpt", "{redsr}"]),
     ("craft_dist", "sr", [], "craft", ["--ckpt", "{craft}", "--settings"]),
+    ("pdm_sr", "joint", ["--lr-dir", "{lr}"], "pdm", ["--ckpt", "{pdm}"]),
 ]
 PAPER_BATCH = {"kdsr": 64, "redsr": 16, "craft_dist": 16, "mrda": 16, "pdm_sr": 32}  # specs; mrda pretrain 64
 
@@ -68,7 +69,7 @@ def timed_benchmark(repeats: int, results: list):
 
 
 def run_plan(plan, device: str, batch: str, steps: int, amp: bool, root: Path) -> list[dict]:
-    rows, ckpts = [], {}
+    rows, ckpts = [], {"lr": str(root / "lr")}
     data, bench = root / "data", root / "bench"
     for name, stage, train_argv, key, eval_argv in plan:
         module = importlib.import_module(name)
@@ -114,8 +115,10 @@ def main() -> None:
         root = Path(tmp)
         (root / "data").mkdir()
         (root / "bench").mkdir()
+        (root / "lr").mkdir()
         for i in range(4):
             Image.fromarray(synthetic_image(i, 512, 512)).save(root / "data" / f"{i}.png")
+            Image.fromarray(synthetic_image(20 + i, 128, 128)).save(root / "lr" / f"{i}.png")
         Image.fromarray(synthetic_image(9, 720, 1280)).save(root / "bench" / "hd.png")   # LR 180x320 at x4
         rows = [r for device in args.devices for amp in ([False, True] if device == "cuda" else [False])
                 for r in run_plan(plan, device, args.batch, args.steps, amp, root)]
