@@ -1,0 +1,852 @@
+"""MRDA: Meta-Learning based Degradation Representation for Blind Super-Resolution.
+
+Xia et al., IEEE TIP 2023, arXiv 2207.13963. Official code: Zj-BinXia/MRDA (classic degradations, x4).
+Spec: ../shared/specs/mrda.md. Four stages: `pretrain` (MLN, bicubic) -> `meta` (first-order MAML) ->
+`teacher` (MRDA_T, sees LR and HR) -> `student` (MRDA_S, sees LR only).
+
+Paper map (paper element -> symbol here)
+    Eq. 1, Sec. IV-A ranges (one degradation per task/batch) -> sample_degradation, degrade_batch
+    Sec. III-B, Fig. 2(a) Meta-Learning Network, upscaler    -> MLN (head + body adapted, tail = upscaler)
+    Alg. 1 L8-L11 / Alg. 2 L4-L9 inner SGD adaptation         -> adapt_mln (torch.func.functional_call)
+    Alg. 1 L13-L14 meta update (first order)                  -> meta_step
+    Sec. III-C, Fig. 2(b) DEN_T on D'_T;  Sec. III-D DEN_S    -> DEN (in_channels = MLN width or 3)
+    Eqs. 8-10 RDA conv (dynamic depthwise conv x map M)      -> RDAConv (one grouped conv per call)
+    Sec. III-E, Fig. 2 RDA block, RDAN                        -> RDABlock, RDAN
+    MRDA_T / MRDA_S = DEN + RDAN                              -> MRDA
+    Eq. 2 L_rec; Eq. 4 L_kl; Eq. 5 L_abs; Eq. 6 L_classic     -> reconstruction_loss, kl_loss, abs_loss, student_step
+    Alg. 1, Alg. 2, Sec. III-D stages                         -> train_pretrain, train_meta, train_teacher, train_student
+    Tab. II (Gaussian8), Tab. III (Set14 aniso+noise)         -> evaluate (common.run_benchmark protocols)
+
+Deviations (each [DEV] is listed in the README):
+    - [DEV] training angle theta ~ U[0, pi) in radians as the paper says (release: U[0, 1) degree-radian slip).
+    - [DEV] true per-batch MLN reset to theta_M (release: the saved copy shares storage, the MLN drifts).
+    - [DEV] the whole MLN tail (upsampler + last conv) is frozen from stage 2 on (release: only in stage 4).
+    - [DEV] adaptation step size 1e-2 for all n steps (release: 1e-2 then 5e-3; --released-step-sizes).
+    - [DEV] released schedules, batches and Adam settings (paper text: 500 epochs, lr 2e-4 halved every 200).
+    - [DEV] L_kl in the released form: softmax(D / 0.15), sum over entries, batch mean (Eq. 4: 1/(4C), no tau).
+    - [DEV] the student's estimator is freshly initialised, RDAN_S <- RDAN_T by an explicit named load.
+
+Usage:
+    python mrda.py train --stage pretrain --data-dir DIV2K/HR Flickr2K/HR
+    python mrda.py train --stage meta --pretrain-ckpt runs/mrda/pretrain/last.pt --data-dir DIV2K/HR Flickr2K/HR
+    python mrda.py train --stage teacher --meta-ckpt runs/mrda/meta/last.pt --data-dir DIV2K/HR Flickr2K/HR
+    python mrda.py train --stage student --teacher-ckpt runs/mrda/teacher/last.pt --data-dir DIV2K/HR Flickr2K/HR
+    python mrda.py eval --ckpt runs/mrda/student/last.pt --data Set5 Set14 B100 Urban100 Manga109
+    python mrda.py eval --ckpt runs/mrda/teacher/last.pt --data Set14   # oracle: adapts the MLN on each HR
+    python mrda.py eval --official-weights iso_ST.pt --data Set14 --protocol gaussian8
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import common
+
+SCRIPT = "mrda"
+STAGES = ("pretrain", "meta", "teacher", "student")
+DEGRADATIONS = ("iso", "aniso_noise")
+DIV2K_MEAN = (0.4488, 0.4371, 0.4040)  # [official code] MeanShift of RDAN, rgb_range 1, std 1
+ADAPTED = ("head.", "body.")           # [Sec. III-B] MLN parameters "not in Upscaler"; `tail.` is the upscaler
+
+
+# ---- 1. Config ---------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    # run
+    seed: int = 0                        # [ours]
+    save_every: int = 5000               # [ours] checkpoint period in steps
+    # data
+    scale: int = 4                       # [Sec. IV-A] x4
+    lr_patch: int = 64                   # [Sec. IV-A] LR patch 64 -> HR crop 256
+    degradation: str = "iso"             # [Sec. IV-A] "iso" (Sec. IV-B) | "aniso_noise" (Sec. IV-C)
+    kernel_size: int = 21                # [Sec. IV-A]
+    sigma_min: float = 0.2               # [Sec. IV-A] iso sigma, aniso lambda1/lambda2 ~ U[0.2, 4]
+    sigma_max: float = 4.0               # [Sec. IV-A]
+    noise_max: float = 25.0              # [Sec. IV-A] sigma_n ~ U[0, 25] (0-255 scale), aniso_noise only
+    # model
+    mln_feats: int = 128                 # [official code] F, MLN width (D'_T has F channels)
+    n_feats: int = 64                    # [Sec. III-E] RDAN width
+    n_blocks: int = 27                   # [official code] RDA blocks
+    den_feats: int = 64                  # [official code] DEN widths 64/128/256, D = 256-d
+    # meta-learning and adaptation [Alg. 1, Alg. 2]
+    meta_tasks: int = 5                  # [Sec. IV-A] m
+    inner_steps: int = 5                 # [Sec. IV-A] n
+    inner_lr: float = 1e-2               # [Sec. IV-A] alpha
+    released_step_sizes: bool = False    # [official code, DEV] adaptation alpha = 1e-2, then 5e-3
+    # losses
+    kd_temperature: float = 0.15         # [official code, DEV] tau of L_kl
+    kl_weight: float = 1.0               # [Eq. 6] lambda_kl
+    abs_weight: float = 0.01             # [Sec. IV-A] lambda_abs (release: 0.1)
+    # optimisation: Adam, lr set at the start of every epoch (epochs from 1) [official code, DEV]
+    beta1: float = 0.9                   # [Sec. IV-A]
+    beta2: float = 0.999                 # [Sec. IV-A]
+    learning_rate: float = 1e-4          # [official code] every stage (paper: 2e-4)
+    pretrain_batch: int = 64             # [official code]
+    pretrain_epochs: int = 600           # [official code]
+    pretrain_iters: int = 971            # [official code] iterations per epoch
+    pretrain_halve_every: int = 125      # [official code]
+    meta_batch: int = 32                 # [official code] 16 support + 16 query crops
+    meta_epochs: int = 600               # [official code]
+    meta_iters: int = 216                # [official code]
+    meta_halve_every: int = 150          # [official code]
+    teacher_batch: int = 16              # [official code]
+    teacher_epochs: int = 500            # [official code]
+    teacher_iters: int = 1294            # [official code]
+    teacher_halve_every: int = 125       # [official code]
+    student_batch: int = 16              # [official code]
+    warmup_epochs: int = 100             # [official code] estimator-only phase, lr x0.1 every 60 epochs
+    warmup_decay_every: int = 60         # [official code]
+    joint_epochs: int = 400              # [official code] full loss, halved every 125 epochs
+    student_iters: int = 647             # [official code]
+    student_halve_every: int = 125       # [official code]
+    steps: int = 0                       # [ours] 0: the stage's full schedule; else stop at this step
+
+
+PRESETS = {
+    "paper": {},
+    "smoke": {"mln_feats": 8, "n_feats": 8, "n_blocks": 2, "den_feats": 8, "lr_patch": 16, "meta_tasks": 2,
+              "inner_steps": 2, "pretrain_batch": 2, "meta_batch": 4, "teacher_batch": 2, "student_batch": 2,
+              "pretrain_epochs": 2, "meta_epochs": 2, "teacher_epochs": 2, "warmup_epochs": 1, "joint_epochs": 1,
+              "pretrain_iters": 5, "meta_iters": 5, "teacher_iters": 5, "student_iters": 5,
+              "learning_rate": 1e-3, "save_every": 1000},
+}
+HANDOFF = {"meta": "pretrain_ckpt", "teacher": "meta_ckpt", "student": "teacher_ckpt"}  # stage -> flag
+ARCH = {"pretrain": ("mln_feats", "scale"), "meta": ("mln_feats", "scale"),
+        "teacher": ("mln_feats", "n_feats", "n_blocks", "den_feats", "scale")}  # what a later stage inherits
+
+
+def batch_size(cfg: Config, stage: str) -> int:
+    return getattr(cfg, f"{stage}_batch")
+
+
+def total_steps(cfg: Config, stage: str) -> int:
+    """Length of a stage in iterations [official code], or cfg.steps when set."""
+    if cfg.steps:
+        return cfg.steps
+    if stage == "student":
+        return (cfg.warmup_epochs + cfg.joint_epochs) * cfg.student_iters
+    return getattr(cfg, f"{stage}_epochs") * getattr(cfg, f"{stage}_iters")
+
+
+def schedule(cfg: Config, stage: str, step: int) -> tuple[float, bool]:
+    """(learning rate, estimator-only?) at 1-based `step`; a pure function of the step, so --resume is exact."""
+    iters = cfg.student_iters if stage == "student" else getattr(cfg, f"{stage}_iters")
+    epoch = (step - 1) // iters + 1
+    if stage != "student":
+        # lr = 1e-4 * 0.5^floor(e / E_half), E_half = 125 (pretrain, teacher) or 150 (meta outer beta) [official code]
+        return cfg.learning_rate * 0.5 ** (epoch // getattr(cfg, f"{stage}_halve_every")), False
+    if epoch <= cfg.warmup_epochs:
+        # e <= 100: lr = 1e-4 * 0.1^floor(e / 60), L = L_kl + L_abs only [official code]
+        return cfg.learning_rate * 0.1 ** (epoch // cfg.warmup_decay_every), True
+    # e > 100: lr = 1e-4 * 0.5^floor((e - 100) / 125) [official code]
+    return cfg.learning_rate * 0.5 ** ((epoch - cfg.warmup_epochs) // cfg.student_halve_every), False
+
+
+def step_sizes(cfg: Config) -> list[float]:
+    """alpha of each of the n adaptation steps of stages 3-4 and teacher eval [Alg. 2 L8]."""
+    later = cfg.inner_lr / 2 if cfg.released_step_sizes else cfg.inner_lr  # [official code] 1e-2, then 5e-3
+    return [cfg.inner_lr] + [later] * (cfg.inner_steps - 1)
+
+
+def check_config(cfg: Config) -> None:
+    if cfg.degradation not in DEGRADATIONS:
+        raise common.UserError(f"--degradation must be one of {', '.join(DEGRADATIONS)}, got {cfg.degradation!r}")
+    if cfg.scale != 4:
+        raise common.UserError(f"MRDA is defined for x4 (Sec. IV-A); got scale {cfg.scale}")
+    if cfg.meta_batch < 2 or cfg.meta_batch % 2:
+        raise common.UserError(f"the meta batch is split into support and query halves: use an even size >= 2, "
+                               f"got {cfg.meta_batch}")
+
+
+# ---- 2. Degradation ----------------------------------------------------------------------------------------
+def sample_degradation(cfg: Config, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ONE kernel (1, k, k) and noise level (1,) for a whole task / mini-batch [Alg. 1 L7, Alg. 2 L3]."""
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(1, device=device)
+    if cfg.degradation == "iso":
+        # sigma ~ U[0.2, 4], no noise [Sec. IV-A]
+        return common.isotropic_kernels(uniform(cfg.sigma_min, cfg.sigma_max), cfg.kernel_size), None
+    # lambda1, lambda2 ~ U[0.2, 4], theta ~ U[0, pi) in radians [Sec. IV-A, DEV], sigma_n ~ U[0, 25]
+    lambda1, lambda2 = uniform(cfg.sigma_min, cfg.sigma_max), uniform(cfg.sigma_min, cfg.sigma_max)
+    kernel = common.anisotropic_kernels(lambda1, lambda2, uniform(0.0, math.pi), cfg.kernel_size)
+    return kernel, uniform(0.0, cfg.noise_max)
+
+
+@torch.no_grad()
+def degrade_batch(img_hr: torch.Tensor, cfg: Config, bicubic_only: bool = False) -> torch.Tensor:
+    """I_LR = Q((I_HR * k) down_s + n), one (k, n) for the batch [Eq. 1]; (B, 3, sP, sP) -> (B, 3, P, P).
+    bicubic_only: the stage-1 degradation, bicubic down only [Alg. 1 L2]."""
+    if bicubic_only:
+        return common.degrade(img_hr, None, cfg.scale)
+    kernel, noise = sample_degradation(cfg, img_hr.device)
+    return common.degrade(img_hr, kernel, cfg.scale, noise)
+
+
+@torch.no_grad()
+def bicubic_up(img_lr: torch.Tensor, scale: int) -> torch.Tensor:
+    """The MLN's global residual: MATLAB bicubic x s of the LR, rounded to 8 bits [official code]."""
+    return common.quantize(common.imresize(img_lr, scale))
+
+
+# ---- 3. Networks -------------------------------------------------------------------------------------------
+# Copied from kdsr.py:conv3x3
+def conv3x3(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=1)
+
+
+def lrelu() -> nn.LeakyReLU:
+    return nn.LeakyReLU(0.1)
+
+
+class MLN(nn.Module):
+    """Meta-Learning Network [Sec. III-B, Fig. 2(a)]: conv + 6 convs (LReLU) -> D'_T; upscaler `tail`; + bicubic.
+
+    Only `head` and `body` adapt (meta-learning, per-degradation SGD); `tail` (x4 upsampler + last conv) is fixed
+    after the bicubic pretraining so that D'_T stays in one domain [Sec. III-B, Tab. VI].
+    """
+
+    def __init__(self, channels: int = 128, n_body: int = 6, scale: int = 4):
+        super().__init__()
+        if scale != 4:
+            raise ValueError("the released upscaler is x4 (two PixelShuffle(2))")
+        f = channels
+        self.head = nn.Sequential(conv3x3(3, f), lrelu())
+        self.body = nn.Sequential(*(m for _ in range(n_body) for m in (conv3x3(f, f), lrelu())))
+        self.tail = nn.Sequential(nn.Sequential(conv3x3(f, 4 * f), nn.PixelShuffle(2), conv3x3(f, 4 * f),
+                                                nn.PixelShuffle(2)), conv3x3(f, 3))
+
+    def forward(self, img_lr: torch.Tensor, img_bicubic: torch.Tensor | None = None, with_sr: bool = True):
+        """(I_SR^M (B, 3, sh, sw) or None, D'_T (B, F, h, w)); img_bicubic = rounded bicubic x s of img_lr."""
+        d_prime = self.body(self.head(img_lr))                        # D'_T (B, F, h, w), after the last LReLU
+        if not with_sr:
+            return None, d_prime
+        return self.tail(d_prime) + img_bicubic, d_prime              # global bicubic residual, no mean shift
+
+
+class DEN(nn.Module):
+    """Degradation Extraction Network [Sec. III-C/D]: 6 convs (two stride 2), global pool, MLP -> D (B, 4c).
+    DEN_T reads D'_T (in_channels = F), DEN_S reads the LR image (in_channels = 3)."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64):
+        super().__init__()
+        c = channels
+        self.features = nn.Sequential(
+            conv3x3(in_channels, c), lrelu(), conv3x3(c, c), lrelu(),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), lrelu(), conv3x3(2 * c, 2 * c), lrelu(),
+            nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), lrelu(), conv3x3(4 * c, 4 * c), lrelu())
+        self.mlp = nn.Sequential(nn.Linear(4 * c, 4 * c), lrelu(), nn.Linear(4 * c, 4 * c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x).mean(dim=(2, 3))                 # (B, 4c, h/4, w/4) -> global average pool (B, 4c)
+        return self.mlp(x)                                    # D (B, 4c), no final activation
+
+
+class RDAConv(nn.Module):
+    """RDA convolution [Eqs. 8-10]: F2 = M * LReLU(DynamicConv(F; w(d))) + F, M = Sigmoid(Conv1x1(F)), 1 channel."""
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.kernel_size = kernel_size
+        # w = Linear(C -> C) -> LReLU -> Linear(C -> C k^2), no biases [official code]
+        self.kernel = nn.Sequential(nn.Linear(channels, channels, bias=False), lrelu(),
+                                    nn.Linear(channels, channels * kernel_size ** 2, bias=False))
+        self.conv = nn.Conv2d(channels, 1, 1)                 # "Conv" of Eq. 9
+
+    def forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        k = self.kernel_size
+        weight = self.kernel(d).reshape(b * c, 1, k, k)       # channel i of sample b: taps [k^2 i, k^2 (i+1)), row-major
+        # F1 = LReLU(depthwise correlation of F with w_b per sample): one grouped conv, B*C groups [Eq. 8]
+        f1 = F.conv2d(x.reshape(1, b * c, h, w), weight, padding=k // 2, groups=b * c).reshape(b, c, h, w)
+        f1 = F.leaky_relu(f1, 0.1)
+        # M = Sigmoid(Conv(F)) (B, 1, H, W), broadcast over channels [Eq. 9]
+        modulation = torch.sigmoid(self.conv(x))
+        # F2 = M * F1 + F [Eq. 10]
+        return modulation * f1 + x
+
+
+class RDABlock(nn.Module):
+    """RDA block [Sec. III-E, Fig. 2]: RDAconv, conv, RDAconv (each + LReLU), conv, + x."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.da_conv1, self.conv1 = RDAConv(channels), conv3x3(channels, channels)
+        self.da_conv2, self.conv2 = RDAConv(channels), conv3x3(channels, channels)
+
+    def forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        a = F.leaky_relu(self.da_conv1(x, d), 0.1)
+        a = F.leaky_relu(self.conv1(a), 0.1)
+        a = F.leaky_relu(self.da_conv2(a, d), 0.1)
+        return self.conv2(a) + x
+
+
+class RDAN(nn.Module):
+    """Region Degradation Aware SR network [Sec. III-E]: d = LReLU(W D); head, N RDA blocks, conv, + head, x4, tail."""
+
+    def __init__(self, channels: int = 64, n_blocks: int = 27, d_dim: int = 256, scale: int = 4):
+        super().__init__()
+        if scale != 4:
+            raise ValueError("the released upsampler is x4 (two PixelShuffle(2))")
+        self.sub_mean, self.add_mean = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        with torch.no_grad():  # fixed DIV2K mean shift, stored in checkpoints (24 values) [official code]
+            for conv, sign in ((self.sub_mean, -1.0), (self.add_mean, 1.0)):
+                conv.weight.copy_(torch.eye(3)[:, :, None, None])
+                conv.bias.copy_(sign * torch.tensor(DIV2K_MEAN))
+                conv.requires_grad_(False)
+        self.compress = nn.Linear(d_dim, channels, bias=False)
+        self.head = conv3x3(3, channels)
+        self.blocks = nn.ModuleList(RDABlock(channels) for _ in range(n_blocks))
+        self.body_conv = conv3x3(channels, channels)
+        self.upsample = nn.Sequential(conv3x3(channels, 4 * channels), nn.PixelShuffle(2),
+                                      conv3x3(channels, 4 * channels), nn.PixelShuffle(2))
+        self.tail = conv3x3(channels, 3)
+
+    def forward(self, img_lr: torch.Tensor, degradation: torch.Tensor) -> torch.Tensor:
+        d = F.leaky_relu(self.compress(degradation), 0.1)     # d (B, C) from D (B, 4c)
+        x = self.head(self.sub_mean(img_lr))                  # (B, C, h, w)
+        y = x
+        for block in self.blocks:
+            y = block(y, d)
+        y = self.body_conv(y) + x
+        return self.add_mean(self.tail(self.upsample(y)))     # (B, 3, 4h, 4w)
+
+
+class MRDA(nn.Module):
+    """MRDA_T (teacher: DEN_T reads D'_T of the adapted MLN) or MRDA_S (DEN_S reads LR) = DEN `E` + RDAN `G`."""
+
+    def __init__(self, teacher: bool = False, mln_channels: int = 128, channels: int = 64, n_blocks: int = 27,
+                 den_channels: int = 64, scale: int = 4):
+        super().__init__()
+        self.teacher = teacher
+        self.E = DEN(mln_channels if teacher else 3, den_channels)
+        self.G = RDAN(channels, n_blocks, 4 * den_channels, scale)
+
+    def forward(self, img_lr: torch.Tensor, d_prime: torch.Tensor | None = None, with_sr: bool = True):
+        """(I_SR (B, 3, sh, sw) or None, D (B, 4c)); the teacher needs D'_T (B, F, h, w)."""
+        if self.teacher and d_prime is None:
+            raise ValueError("the teacher's DEN_T reads D'_T of the adapted MLN")
+        degradation = self.E(d_prime if self.teacher else img_lr)
+        return (self.G(img_lr, degradation) if with_sr else None), degradation
+
+
+def build_mln(cfg: Config) -> MLN:
+    return MLN(cfg.mln_feats, 6, cfg.scale)
+
+
+def build_model(cfg: Config, teacher: bool) -> MRDA:
+    return MRDA(teacher, cfg.mln_feats, cfg.n_feats, cfg.n_blocks, cfg.den_feats, cfg.scale)
+
+
+# ---- 4. Losses ---------------------------------------------------------------------------------------------
+# Copied from kdsr.py:reconstruction_loss
+def reconstruction_loss(img_sr: torch.Tensor, img_hr: torch.Tensor) -> torch.Tensor:
+    """L_rec = mean |I_SR - I_HR| over all elements, images in [0, 1] [Eq. 2]."""
+    return F.l1_loss(img_sr.float(), img_hr.float())
+
+
+def kl_loss(d_student: torch.Tensor, d_teacher: torch.Tensor, temperature: float = 0.15) -> torch.Tensor:
+    """L_kl = (1/B) sum_b sum_j p_T log(p_T / p_S), p = softmax(D / tau) over the 4c entries [Eq. 4, DEV].
+    The teacher side is detached: the gradient flows into the student only."""
+    log_p_student = F.log_softmax(d_student.float() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(d_teacher.detach().float() / temperature, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+
+
+def abs_loss(d_student: torch.Tensor, d_teacher: torch.Tensor) -> torch.Tensor:
+    """L_abs = mean |D_T - D_S| over B x 4c entries [Eq. 5]."""
+    return F.l1_loss(d_student.float(), d_teacher.detach().float())
+
+
+# ---- 5. Training -------------------------------------------------------------------------------------------
+def adapt_mln(mln: MLN, img_lr: torch.Tensor, img_bicubic: torch.Tensor, img_hr: torch.Tensor,
+              alphas: list[float]) -> tuple[dict, list[torch.Tensor]]:
+    """theta <- theta_M; n x [theta <- theta - alpha grad_theta L1(MLN(LR; theta), HR)] on head + body only
+    [Alg. 1 L8-L11, Alg. 2 L4-L9]. theta_M (the module's parameters) is never written: the adapted tensors live
+    in a dict used through functional_call, so every call starts from theta_M exactly (true reset).
+    Returns (theta, support losses before each step); the steps are not differentiated through (first order)."""
+    theta = {name: p.detach() for name, p in mln.named_parameters() if name.startswith(ADAPTED)}
+    losses = []
+    with torch.enable_grad():
+        for alpha in alphas:
+            theta = {name: t.requires_grad_() for name, t in theta.items()}
+            img_sr, _ = functional_call(mln, theta, (img_lr, img_bicubic))
+            loss = reconstruction_loss(img_sr, img_hr)
+            grads = torch.autograd.grad(loss, list(theta.values()))
+            theta = {name: (t - alpha * g).detach() for (name, t), g in zip(theta.items(), grads)}
+            losses.append(loss.detach())
+    return theta, losses
+
+
+def meta_step(mln: MLN, img_hr: torch.Tensor, cfg: Config, dist) -> tuple[torch.Tensor, dict]:
+    """First-order MAML [Alg. 1 L4-L14]: m tasks of one degradation each; adapt on the support half, meta-gradient
+    (1/m) sum_i grad_{theta_i} L1(MLN(LR_query; theta_i), HR_query) written into theta_M.grad (no Adam step)."""
+    meta = {name: p for name, p in mln.named_parameters() if name.startswith(ADAPTED)}
+    meta_grads = [torch.zeros_like(p) for p in meta.values()]
+    half = img_hr.shape[0] // 2                               # support = first half, query = second [official code]
+    query_losses, support_losses = [], []
+    for _ in range(cfg.meta_tasks):
+        img_lr = degrade_batch(img_hr, cfg)                   # one degradation for both halves of task i
+        img_bicubic = bicubic_up(img_lr, cfg.scale)
+        theta, losses = adapt_mln(mln, img_lr[:half], img_bicubic[:half], img_hr[:half],
+                                  [cfg.inner_lr] * cfg.inner_steps)
+        theta = {name: t.requires_grad_() for name, t in theta.items()}
+        img_sr, _ = functional_call(mln, theta, (img_lr[half:], img_bicubic[half:]))
+        loss = reconstruction_loss(img_sr, img_hr[half:])
+        # g_i = grad_{theta_i} L_query (first order: d theta_i / d theta_M taken as identity)
+        for acc, g in zip(meta_grads, torch.autograd.grad(loss, list(theta.values()))):
+            acc += g / cfg.meta_tasks
+        query_losses.append(loss.detach())
+        support_losses.append(losses[0] if losses else loss.detach())          # at theta_M, before adapting
+    for p, g in zip(meta.values(), meta_grads):
+        p.grad = common.all_reduce_mean(g, dist)              # DDP: the meta-gradient averaged over ranks
+    return torch.stack(query_losses).mean(), {"l_support": torch.stack(support_losses).mean().item()}
+
+
+@torch.no_grad()
+def teacher_representation(mln: MLN, img_lr: torch.Tensor, img_hr: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """D'_T (B, F, h, w) of the MLN adapted on (LR, HR) from theta_M [Alg. 2 L4-L10]."""
+    img_bicubic = bicubic_up(img_lr, cfg.scale)
+    theta, _ = adapt_mln(mln, img_lr, img_bicubic, img_hr, step_sizes(cfg))
+    return functional_call(mln, theta, (img_lr, img_bicubic), {"with_sr": False})[1]
+
+
+def student_step(net: nn.Module, mln: MLN, teacher: MRDA, img_lr, img_hr, cfg: Config, amp: bool, device,
+                 estimator_only: bool):
+    """L = L_rec + lambda_kl L_kl + lambda_abs L_abs [Eq. 6]; estimator-only phase: without L_rec [official code]."""
+    with common.autocast(device, amp):
+        d_teacher = teacher.E(teacher_representation(mln, img_lr, img_hr, cfg))    # D_T (B, 4c), frozen, no grad
+        img_sr, d_student = net(img_lr, with_sr=not estimator_only)               # D_S = DEN_S(LR)
+    l_kl, l_abs = kl_loss(d_student, d_teacher, cfg.kd_temperature), abs_loss(d_student, d_teacher)
+    loss = cfg.kl_weight * l_kl + cfg.abs_weight * l_abs
+    scalars = {"l_kl": l_kl.item(), "l_abs": l_abs.item()}
+    if estimator_only:
+        return loss, scalars
+    l_rec = reconstruction_loss(img_sr, img_hr)
+    return loss + l_rec, {"l_rec": l_rec.item(), **scalars}
+
+
+def _restore(path: Path, model, optimizer, stage: str, dist, device) -> int:
+    ckpt = common.load_checkpoint(path, SCRIPT, (stage,), device=device)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    common.set_rng_state(ckpt["rng"], dist)  # every rank continues its own random degradations
+    return int(ckpt["step"])
+
+
+def fit(cfg: Config, args, stage: str, model: nn.Module, step_fn, resume: Path | None, dist, device,
+        extra: dict | None = None, find_unused: bool = False) -> Path:
+    """The loop all stages share: data, step, lr rule, log, atomic checkpoints, signal stop, finite-loss guard.
+    step_fn(net, img_hr, estimator_only) -> (loss, scalars); a loss without graph means step_fn set the grads."""
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen: mean shift, MLN upscaler
+    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    start = _restore(resume, model, optimizer, stage, dist, device) if resume else 0
+    net = common.wrap_ddp(model, dist, find_unused=find_unused)
+    dataset = common.HRPatches(args.data_dir, cfg.lr_patch * cfg.scale)
+    batches = common.infinite_batches(dataset, batch_size(cfg, stage), device, seed=cfg.seed, start_step=start,
+                                      workers=args.workers, dist=dist)  # step k always sees the same crops
+    steps, out_dir = total_steps(cfg, stage), Path(args.out_dir)
+    log, last = common.RunLog(out_dir, steps, enabled=dist.is_main, start_step=start), out_dir / "last.pt"
+    last_good = resume or "(none written yet)"
+    with common.stop_on_signals() as flag, contextlib.closing(batches):
+        for step in range(start + 1, steps + 1):
+            learning_rate, estimator_only = schedule(cfg, stage, step)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+            img_hr = next(batches)                                  # (B, 3, sP, sP)
+            if args.channels_last and device.type == "cuda":
+                img_hr = img_hr.contiguous(memory_format=torch.channels_last)
+            loss, scalars = step_fn(net, img_hr, estimator_only)
+            loss_mean = common.all_reduce_mean(loss.detach(), dist)
+            common.check_finite(loss_mean, step, last_good)         # before any update
+            if loss.requires_grad:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+            if step % args.log_every == 0 or step == steps:
+                log.log(step, stage, loss=loss_mean.item(), **scalars, lr=learning_rate)
+            stop = step < steps and common.stop_requested(flag, dist, device)
+            if step % cfg.save_every == 0 or step == steps or stop:
+                rng = common.rng_state(dist)  # collective: every rank takes part
+                if dist.is_main:
+                    common.save_checkpoint(last, {
+                        "script": SCRIPT, "stage": stage, "step": step, "config": dataclasses.asdict(cfg),
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": None,  # the learning rate is a pure function of the step: schedule()
+                        "rng": rng, **(extra or {})})
+                last_good = last
+            if stop:
+                if dist.is_main:
+                    print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
+                break
+    return last
+
+
+def _setup(cfg: Config, args):
+    device = common.pick_device(args.device)
+    dist = common.ddp_setup(device)
+    common.seed_everything(cfg.seed + dist.rank)  # each rank draws its own degradations
+    return device, dist
+
+
+def _to_device(model: nn.Module, args, device) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if args.channels_last and device.type == "cuda" else model
+
+
+def load_stage(path, stage: str, cfg: Config) -> dict:
+    """The checkpoint an earlier stage handed over; its architecture must equal this stage's."""
+    ckpt = common.load_checkpoint(path, SCRIPT, (stage,), device="cpu")
+    saved = Config(**ckpt["config"])
+    if bad := [a for a in ARCH[stage] if getattr(saved, a) != getattr(cfg, a)]:
+        raise common.UserError(f"{path} has {', '.join(f'{a}={getattr(saved, a)}' for a in bad)} but this stage "
+                               f"has {', '.join(f'{a}={getattr(cfg, a)}' for a in bad)}: use the same --preset "
+                               f"as for the {stage} stage")
+    return ckpt
+
+
+def frozen_mln(state: dict, cfg: Config, device) -> MLN:
+    """theta_M, never updated: adaptation only ever builds copies of it (adapt_mln)."""
+    mln = build_mln(cfg)
+    mln.load_state_dict(state)
+    return mln.to(device).eval().requires_grad_(False)
+
+
+def train_pretrain(cfg: Config, args, resume: Path | None) -> Path:
+    """Stage 1 [Alg. 1 L2]: the whole MLN on bicubic-only LR with L1."""
+    device, dist = _setup(cfg, args)
+    mln = _to_device(build_mln(cfg), args, device)
+
+    def step_fn(net, img_hr, estimator_only):
+        img_lr = degrade_batch(img_hr, cfg, bicubic_only=True)             # (B, 3, P, P)
+        with common.autocast(device, args.amp):
+            img_sr, _ = net(img_lr, bicubic_up(img_lr, cfg.scale))
+        loss = reconstruction_loss(img_sr, img_hr)
+        return loss, {"l_rec": loss.item()}
+
+    try:
+        return fit(cfg, args, "pretrain", mln, step_fn, resume, dist, device)
+    finally:
+        common.ddp_teardown(dist)
+
+
+def train_meta(cfg: Config, args, resume: Path | None) -> Path:
+    """Stage 2 [Alg. 1]: first-order MAML of head + body; the upscaler `tail` is fixed [Sec. III-B]."""
+    if resume is None and not args.pretrain_ckpt:
+        raise common.UserError("the meta stage needs --pretrain-ckpt FILE (the pretrain stage's last.pt)")
+    device, dist = _setup(cfg, args)
+    mln = build_mln(cfg)
+    if resume is None:
+        mln.load_state_dict(load_stage(args.pretrain_ckpt, "pretrain", cfg)["model"])
+    mln.tail.requires_grad_(False)                                         # not in Adam, not adapted
+    mln = _to_device(mln, args, device)
+
+    def step_fn(net, img_hr, estimator_only):  # the meta-gradient is all-reduced by hand: DDP's hooks never fire
+        return meta_step(common.unwrap(net), img_hr, cfg, dist)
+
+    try:
+        return fit(cfg, args, "meta", mln, step_fn, resume, dist, device,
+                   extra={"pretrain_ckpt": str(args.pretrain_ckpt)})
+    finally:
+        common.ddp_teardown(dist)
+
+
+def train_teacher(cfg: Config, args, resume: Path | None) -> Path:
+    """Stage 3 [Alg. 2]: per batch adapt the MLN from theta_M, D'_T -> DEN_T -> RDAN_T, L_rec on DEN_T + RDAN_T."""
+    if resume is None and not args.meta_ckpt:
+        raise common.UserError("the teacher stage needs --meta-ckpt FILE (the meta stage's last.pt)")
+    device, dist = _setup(cfg, args)
+    state = (common.load_checkpoint(resume, SCRIPT, ("teacher",))["mln"] if resume
+             else load_stage(args.meta_ckpt, "meta", cfg)["model"])
+    mln = frozen_mln(state, cfg, device)
+    model = _to_device(build_model(cfg, teacher=True), args, device)
+
+    def step_fn(net, img_hr, estimator_only):
+        img_lr = degrade_batch(img_hr, cfg)                                # one degradation per batch
+        d_prime = teacher_representation(mln, img_lr, img_hr, cfg)        # (B, F, P, P), no grad
+        with common.autocast(device, args.amp):
+            img_sr, _ = net(img_lr, d_prime)
+        loss = reconstruction_loss(img_sr, img_hr)
+        return loss, {"l_rec": loss.item()}
+
+    try:
+        return fit(cfg, args, "teacher", model, step_fn, resume, dist, device,
+                   extra={"mln": mln.state_dict(), "meta_ckpt": str(args.meta_ckpt)})
+    finally:
+        common.ddp_teardown(dist)
+
+
+def init_student_from_teacher(student: MRDA, teacher_state: dict) -> list[str]:
+    """RDAN_S <- RDAN_T: exactly the teacher's G.* tensors [Sec. III-D]; DEN_S keeps its fresh init."""
+    g_state = {key[len("G."):]: value for key, value in teacher_state.items() if key.startswith("G.")}
+    student.G.load_state_dict(g_state, strict=True)
+    return sorted(f"G.{key}" for key in g_state)
+
+
+def train_student(cfg: Config, args, resume: Path | None) -> Path:
+    """Stage 4 [Sec. III-D, Fig. 2(c)]: frozen adapted MLN + DEN_T give D_T; DEN_S distilled, RDAN_S fine-tuned."""
+    if not args.teacher_ckpt:
+        raise common.UserError("the student stage needs --teacher-ckpt FILE (the teacher stage's last.pt)")
+    device, dist = _setup(cfg, args)
+    teacher_ckpt = load_stage(args.teacher_ckpt, "teacher", cfg)
+    mln = frozen_mln(teacher_ckpt["mln"], cfg, device)
+    teacher = build_model(cfg, teacher=True)
+    teacher.load_state_dict(teacher_ckpt["model"])
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    student = build_model(cfg, teacher=False)
+    if resume is None:
+        copied = init_student_from_teacher(student, teacher_ckpt["model"])
+        if dist.is_main:
+            print(f"student G initialised from {args.teacher_ckpt} ({len(copied)} tensors); E (DEN_S) fresh")
+    model = _to_device(student, args, device)
+
+    def step_fn(net, img_hr, estimator_only):
+        img_lr = degrade_batch(img_hr, cfg)
+        return student_step(net, mln, teacher, img_lr, img_hr, cfg, args.amp, device, estimator_only)
+
+    try:  # the estimator-only phase leaves G without gradients: DDP must be told
+        return fit(cfg, args, "student", model, step_fn, resume, dist, device,
+                   extra={"teacher_ckpt": str(args.teacher_ckpt)}, find_unused=cfg.warmup_epochs > 0)
+    finally:
+        common.ddp_teardown(dist)
+
+
+# ---- 6. Evaluation -----------------------------------------------------------------------------------------
+def load_for_inference(args, device) -> tuple[MRDA, MLN | None, Config, str]:
+    """(model, MLN theta_M for a teacher or None, cfg, name) from our checkpoint or from released weights."""
+    if bool(args.ckpt) == bool(args.official_weights):
+        raise common.UserError("give exactly one of --ckpt FILE (from `train`) or --official-weights FILE")
+    if args.official_weights:
+        model, cfg = load_official(args.official_weights)
+        if model.teacher and not args.official_mln:
+            raise common.UserError("an MRDA_T file needs the released MLN too: add --official-mln FILE")
+        mln = load_official_mln(args.official_mln, cfg) if model.teacher else None
+    else:
+        ckpt = common.load_checkpoint(args.ckpt, SCRIPT, ("teacher", "student"), device="cpu")
+        cfg = Config(**ckpt["config"])
+        model = build_model(cfg, teacher=ckpt["stage"] == "teacher")
+        model.load_state_dict(ckpt["model"])
+        mln = frozen_mln(ckpt["mln"], cfg, "cpu") if model.teacher else None
+    if args.scale != cfg.scale:
+        raise common.UserError(f"{args.ckpt or args.official_weights} is a x{cfg.scale} model but --scale "
+                               f"{args.scale} was given: use --scale {cfg.scale}")
+    mln = mln.to(device) if mln is not None else None
+    name = "MRDA_T-oracle" if model.teacher else "MRDA_S"
+    return model.to(device).eval(), mln, cfg, name + ("" if (cfg.n_feats, cfg.n_blocks) == (64, 27) else "-custom")
+
+
+def oracle_sr_fn(model: MRDA, mln: MLN, cfg: Config, data, args, device):
+    """Teacher eval [spec 6]: per test image reset to theta_M, adapt n steps on its own HR (batch 1), infer. It
+    needs the HR, so it is an upper bound, not blind SR. run_benchmark visits the images in sorted order and every
+    degradation of one image in turn; this stream yields the matching HR for each call."""
+    _, files = common.find_benchmark(data, args.data_root)
+    repeats = len(common.test_degradations(args.protocol, args.scale))
+    def modcropped_hr(path) -> torch.Tensor:                                          # (3, H, W) in [0, 1]
+        return torch.from_numpy(common.modcrop(common.load_uint8(path), args.scale).copy()).permute(2, 0, 1) / 255
+
+    stream = (hr for path in files[: args.limit] for hr in [modcropped_hr(path)] * repeats)
+
+    def sr_fn(img_lr: torch.Tensor) -> torch.Tensor:
+        img_hr = next(stream)[None].to(device)                                        # (1, 3, H, W)
+        if img_hr.shape[-2:] != tuple(args.scale * s for s in img_lr.shape[-2:]):
+            raise common.UserError(f"internal: HR {tuple(img_hr.shape)} does not match LR {tuple(img_lr.shape)}")
+        d_prime = teacher_representation(mln, img_lr, img_hr, cfg)                    # adapted from theta_M
+        with common.autocast(device, args.amp):
+            return model(img_lr, d_prime)[0].float()
+    return sr_fn
+
+
+def evaluate(args) -> list[dict]:
+    """Benchmark tables (protocol.md: Gaussian8 [Tab. II], aniso+noise [Tab. III]) plus the bicubic reference row."""
+    device = common.pick_device(args.device)
+    model, mln, cfg, name = load_for_inference(args, device)
+    out_dir = Path(args.out_dir)
+
+    @torch.no_grad()
+    def blind_sr(img_lr: torch.Tensor) -> torch.Tensor:
+        with common.autocast(device, args.amp):
+            return model(img_lr)[0].float()
+
+    summary = []
+    for data in args.data:
+        sr_fn = oracle_sr_fn(model, mln, cfg, data, args, device) if model.teacher else blind_sr
+        rows = common.run_benchmark(sr_fn, data, args.protocol, args.scale, root=args.data_root, device=device,
+                                    save_dir=out_dir / "images" if args.save_images else None, limit=args.limit)
+        bicubic = common.run_benchmark(common.bicubic_sr(args.scale), data, args.protocol, args.scale,
+                                       root=args.data_root, device=device, limit=args.limit)
+        for method, result in ((name, rows), ("bicubic", bicubic)):
+            table = common.summarize(result)
+            common.report(table, f"{method} x{args.scale} {args.protocol} {table[0]['set']}", out_dir)
+        summary += common.summarize(rows)
+    print(f"\nresults: {out_dir / 'results.md'}")
+    return summary
+
+
+# ---- 7. Official weights -----------------------------------------------------------------------------------
+# Released files are raw state dicts [spec 6]: MRDA_S / MRDA_T with "G." (RDAN) and "E_st." / "E." (DEN, convs in
+# one Sequential "E.E.{i}"), the MLN with exactly our key names. The tables map official module prefixes to ours.
+def official_key_map(n_blocks: int, estimator_prefix: str) -> dict[str, str]:
+    """{official module prefix: our module prefix}; parameter names below the prefixes are identical."""
+    e = estimator_prefix
+    table = {"G.sub_mean": "G.sub_mean", "G.add_mean": "G.add_mean", "G.head.0": "G.head",
+             "G.compress.0": "G.compress", "G.body.1": "G.body_conv", "G.tail.0": "G.upsample", "G.tail.1": "G.tail",
+             f"{e}E": "E.features", f"{e}mlp": "E.mlp"}
+    table.update({f"G.body.0.body.{i}": f"G.blocks.{i}" for i in range(n_blocks)})
+    return table
+
+
+MLN_KEY_MAP = {"head": "head", "body": "body", "tail": "tail"}
+
+
+# Copied from kdsr.py:map_official_key
+def map_official_key(key: str, table: dict[str, str]) -> str | None:
+    """Our key for an official key (e.g. G.tail.0.2.weight -> G.upsample.2.weight), None when unknown."""
+    for official, ours in table.items():
+        if key.startswith(official + "."):
+            return ours + key[len(official):]
+    return None
+
+
+def convert_official(state: dict, ours: dict, table: dict[str, str]) -> dict:
+    """Official tensors under our keys; strict both ways (all consumed, all filled, shapes equal) or UserError."""
+    converted, unknown, mismatched = {}, [], []
+    for key, tensor in state.items():
+        target = map_official_key(key, table)
+        if target is None or target not in ours or target in converted:
+            unknown.append(key)
+        elif tuple(tensor.shape) != tuple(ours[target].shape):
+            mismatched.append(f"{key} {tuple(tensor.shape)} vs ours {tuple(ours[target].shape)}")
+        else:
+            converted[target] = tensor
+    inverse = {v: k for k, v in table.items()}
+    missing = [next((o + k[len(v):] for v, o in inverse.items() if k.startswith(v + ".")), k)
+               for k in ours if k not in converted]
+    for what, bad in (("unexpected official keys", unknown), ("shape mismatches", mismatched),
+                      ("official keys missing", missing)):
+        if bad:
+            raise common.UserError(f"{what} ({len(bad)}): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    return converted
+
+
+def read_raw_state(path) -> dict:
+    """A released raw state dict of tensors (DataParallel 'module.' prefixes dropped), or a clear UserError."""
+    if not Path(path).is_file():
+        raise common.UserError(f"official weights not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad user file
+        raise common.UserError(f"cannot read {path}: {err}") from None
+    if isinstance(state, dict) and "script" in state:
+        raise common.UserError(f"{path} was written by {state['script']}.py train, not released by the MRDA "
+                               f"authors{': pass it as --ckpt' if state['script'] == SCRIPT else ''}")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise common.UserError(f"{path} is not a raw state dict of tensors (the released MRDA layout)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_official(path) -> tuple[MRDA, Config]:
+    """MRDA_S (prefix E_st., e.g. iso_ST.pt) or MRDA_T (prefix E.) from a released file; widths read from shapes."""
+    state = read_raw_state(path)
+    teacher = any(k.startswith("E.") for k in state)
+    prefix = "E." if teacher else "E_st."
+    try:
+        n_feats, den_in = state["G.head.0.weight"].shape[0], state[f"{prefix}E.0.weight"].shape[1]
+        den_feats = state[f"{prefix}E.0.weight"].shape[0]
+    except KeyError as err:
+        raise common.UserError(f"not an MRDA_S/MRDA_T file: no {err} (keys start with "
+                               f"{', '.join(sorted({k.split('.')[0] for k in state})[:5])})") from None
+    n_blocks = len({m.group(1) for k in state if (m := re.match(r"G\.body\.0\.body\.(\d+)\.", k))})
+    cfg = Config(n_feats=n_feats, n_blocks=n_blocks, den_feats=den_feats, mln_feats=den_in if teacher else 128)
+    model = build_model(cfg, teacher)
+    model.load_state_dict(convert_official(state, model.state_dict(), official_key_map(n_blocks, prefix)), strict=True)
+    for name, sign in (("sub_mean", -1.0), ("add_mean", 1.0)):  # fixed constants: check, do not learn
+        conv = getattr(model.G, name)
+        if not (torch.allclose(conv.weight.flatten(1), torch.eye(3), atol=1e-6)
+                and torch.allclose(conv.bias, sign * torch.tensor(DIV2K_MEAN), atol=1e-4)):
+            raise common.UserError(f"G.{name} of {path} is not the DIV2K mean shift (bias {conv.bias.tolist()})")
+    return model, cfg
+
+
+def load_official_mln(path, cfg: Config) -> MLN:
+    """The released MLN (theta_M after meta-learning), strict; its width must match MRDA_T's DEN_T input."""
+    state = read_raw_state(path)
+    width = state["head.0.weight"].shape[0] if "head.0.weight" in state else None
+    if width != cfg.mln_feats:
+        raise common.UserError(f"{path} is not an MLN of width {cfg.mln_feats} (head.0.weight: {width} channels)")
+    mln = build_mln(cfg)
+    mln.load_state_dict(convert_official(state, mln.state_dict(), MLN_KEY_MAP), strict=True)
+    return mln.eval().requires_grad_(False)
+
+
+# ---- 8. CLI ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mrda.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="pretrain -> meta -> teacher -> student [Alg. 1, Alg. 2, Sec. III-D]")
+    tr.add_argument("--stage", choices=STAGES, required=True)
+    tr.add_argument("--pretrain-ckpt", help="meta stage: the pretrain stage's checkpoint (the MLN to meta-learn)")
+    tr.add_argument("--meta-ckpt", help="teacher stage: the meta stage's checkpoint (theta_M)")
+    tr.add_argument("--teacher-ckpt", help="student stage: the teacher's checkpoint (RDAN_T, DEN_T, theta_M)")
+    tr.add_argument("--data-dir", nargs="+", required=True, help="HR training folder(s), e.g. DIV2K + Flickr2K")
+    tr.add_argument("--degradation", choices=DEGRADATIONS, help="iso (Tab. II) or aniso_noise (Tab. III); default iso")
+    tr.add_argument("--preset", choices=tuple(PRESETS), default="paper")
+    tr.add_argument("--steps", type=int, help="stop at this step (default: the stage's full schedule)")
+    tr.add_argument("--batch-size", type=int, help="override this stage's batch size (per process)")
+    tr.add_argument("--save-every", type=int, help="override the checkpoint period (steps)")
+    tr.add_argument("--released-step-sizes", action=argparse.BooleanOptionalAction, default=None,
+                    help="adaptation alpha 1e-2 then 5e-3 as the released code (default: 1e-2 for all n steps)")
+    tr.add_argument("--abs-weight", type=float, help="lambda_abs of the student (paper 0.01, released code 0.1)")
+    tr.add_argument("--resume", nargs="?", const="", help="checkpoint to resume (no value: <out-dir>/last.pt)")
+    common.add_run_args(tr)
+    ev = sub.add_parser("eval", help="benchmark a student (blind) or a teacher (oracle: adapts on the HR)")
+    ev.add_argument("--ckpt", help="student or teacher checkpoint written by `train`")
+    ev.add_argument("--official-weights", help="released MRDA_S file (iso_ST.pt, aniso_noise_ST.pt) or MRDA_T file")
+    ev.add_argument("--official-mln", help="released MLN file, needed with an MRDA_T file")
+    common.add_run_args(ev)
+    common.add_eval_args(ev)
+    return parser
+
+
+def config_from_args(args, resume: Path | None) -> Config:
+    """paper defaults <- --preset <- explicit flags; with --resume the checkpoint's config (+ --steps)."""
+    if resume is not None:
+        saved = common.load_checkpoint(resume, SCRIPT, (args.stage,))["config"]
+        return dataclasses.replace(Config(**saved), steps=args.steps or saved["steps"])
+    overrides = {"steps": args.steps, f"{args.stage}_batch": args.batch_size, "save_every": args.save_every,
+                 "degradation": args.degradation, "seed": args.seed, "abs_weight": args.abs_weight,
+                 "released_step_sizes": args.released_step_sizes}
+    cfg = dataclasses.replace(Config(), **PRESETS[args.preset])
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "eval":
+            args.out_dir = args.out_dir or f"runs/{SCRIPT}/eval"
+            return evaluate(args)
+        args.out_dir = args.out_dir or f"runs/{SCRIPT}/{args.stage}"
+        resume = Path(args.resume or Path(args.out_dir) / "last.pt") if args.resume is not None else None
+        cfg = config_from_args(args, resume)
+        check_config(cfg)
+        handoff = HANDOFF.get(args.stage)  # a resumed checkpoint remembers the one it was started from
+        if handoff and resume is not None and not getattr(args, handoff):
+            setattr(args, handoff, common.load_checkpoint(resume, SCRIPT, (args.stage,))[handoff])
+        stage_fn = {"pretrain": train_pretrain, "meta": train_meta, "teacher": train_teacher,
+                    "student": train_student}[args.stage]
+        return stage_fn(cfg, args, resume)
+    except common.UserError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

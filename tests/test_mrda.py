@@ -1,0 +1,381 @@
+"""MRDA: parameter counts, networks, losses, one-degradation sampler, MLN adaptation (first-order MAML, true reset,
+frozen upscaler), schedules, converter, CLI chain pretrain -> meta -> teacher -> student -> eval, exact resume."""
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.func import functional_call
+
+import common
+import mrda
+from conftest import REPO, synthetic_image
+
+SMOKE = ["--preset", "smoke", "--device", "cpu", "--workers", "0", "--log-every", "1"]
+
+
+def count(module, trainable_only=False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def log_records(out_dir) -> list[dict]:
+    return [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
+
+
+def smoke_cfg(**overrides) -> mrda.Config:
+    return dataclasses.replace(mrda.Config(**mrda.PRESETS["smoke"]), **overrides)
+
+
+def image_batch(n: int = 2, size: int = 64) -> torch.Tensor:
+    """(n, 3, size, size) crops of a structured synthetic picture."""
+    img = torch.from_numpy(synthetic_image(3, size + 8 * n, size)).permute(2, 0, 1).float() / 255
+    return torch.stack([img[:, 8 * i:8 * i + size] for i in range(n)])
+
+
+# ---- networks ----------------------------------------------------------------------------------------------
+def test_parameter_counts_match_spec():
+    cfg = mrda.Config()
+    student, teacher, mln = mrda.build_model(cfg, False), mrda.build_model(cfg, True), mrda.build_mln(cfg)
+    assert (count(student), count(student.G), count(student.E)) == (5_838_737, 4_561_745, 1_276_992)
+    assert count(student, trainable_only=True) == 5_838_713  # the fixed mean shift
+    assert (count(teacher), count(teacher.E)) == (5_910_737, 1_348_992)
+    adapted = sum(p.numel() for name, p in mln.named_parameters() if name.startswith(mrda.ADAPTED))
+    assert (count(mln), adapted, count(mln.tail)) == (2_073_219, 889_088, 1_184_131)
+    assert (count(student.G.compress), count(student.G.blocks[0]), count(student.G.blocks[0].da_conv1)) == \
+        (16_384, 155_906, 41_025)
+    assert len(student.state_dict()) == len(teacher.state_dict()) == 355 and len(mln.state_dict()) == 20
+
+
+def test_shapes_and_single_channel_modulation_map():
+    torch.manual_seed(0)
+    cfg = smoke_cfg(mln_feats=16)
+    mln, teacher, student = mrda.build_mln(cfg), mrda.build_model(cfg, True), mrda.build_model(cfg, False)
+    img_lr = torch.rand(2, 3, 12, 10)
+    img_sr, d_prime = mln(img_lr, mrda.bicubic_up(img_lr, 4))
+    assert img_sr.shape == (2, 3, 48, 40) and d_prime.shape == (2, 16, 12, 10)  # D'_T at LR resolution
+    maps = []
+    student.G.blocks[0].da_conv1.conv.register_forward_hook(lambda m, i, out: maps.append(out.shape))
+    img_sr, d = student(img_lr)
+    assert img_sr.shape == (2, 3, 48, 40) and d.shape == (2, 32) and maps == [(2, 1, 12, 10)]
+    img_sr, d = teacher(img_lr, d_prime)
+    assert img_sr.shape == (2, 3, 48, 40) and d.shape == (2, 32)
+    with pytest.raises(ValueError, match="D'_T"):
+        teacher(img_lr)
+
+
+def test_mln_output_is_bicubic_plus_residual():
+    mln = mrda.build_mln(smoke_cfg())
+    with torch.no_grad():
+        mln.tail[1].weight.zero_()
+        mln.tail[1].bias.zero_()
+    img_lr = torch.rand(1, 3, 8, 8)
+    img_bicubic = mrda.bicubic_up(img_lr, 4)
+    assert torch.equal(mln(img_lr, img_bicubic)[0], img_bicubic)
+    assert torch.equal(img_bicubic, common.quantize(common.imresize(img_lr, 4)))  # rounded to 8 bits
+
+
+def test_rda_conv_is_a_per_sample_depthwise_conv_with_spatial_map():
+    torch.manual_seed(0)
+    conv = mrda.RDAConv(6)
+    x, d = torch.randn(3, 6, 9, 11), torch.randn(3, 6)
+    out = conv(x, d)
+    for b in range(3):  # reference: sample b, channel i correlated with taps 9i..9i+8 of w(d_b), row-major
+        weight = conv.kernel(d[b]).reshape(6, 1, 3, 3)
+        f1 = F.leaky_relu(F.conv2d(x[b:b + 1], weight, padding=1, groups=6), 0.1)
+        ref = torch.sigmoid(conv.conv(x[b:b + 1])) * f1 + x[b:b + 1]
+        assert torch.allclose(out[b:b + 1], ref, atol=1e-5)
+
+
+# ---- degradation, losses, schedules ------------------------------------------------------------------------
+def test_one_degradation_per_batch_and_theta_in_radians(monkeypatch):
+    thetas, original = [], common.anisotropic_kernels
+
+    def spy(lambda1, lambda2, theta, size=21):
+        thetas.append(torch.as_tensor(theta).reshape(-1))
+        return original(lambda1, lambda2, theta, size)
+
+    monkeypatch.setattr(common, "anisotropic_kernels", spy)
+    torch.manual_seed(0)
+    cfg = mrda.Config(degradation="aniso_noise")
+    for _ in range(400):
+        kernel, noise = mrda.sample_degradation(cfg, "cpu")
+        assert kernel.shape == (1, 21, 21) and noise.shape == (1,) and 0 <= noise.item() <= 25
+    theta = torch.cat(thetas[-400:])
+    assert theta.min() >= 0 and theta.max() < math.pi and theta.max() > 0.9 * math.pi  # not U[0, 1 degree)
+    img_hr = image_batch(1).expand(4, -1, -1, -1)
+    img_lr = mrda.degrade_batch(img_hr, mrda.Config())  # iso: no noise, so identical HR -> identical LR
+    assert img_lr.shape == (4, 3, 16, 16) and all(torch.equal(img_lr[0], img_lr[i]) for i in range(4))
+
+
+def test_kd_losses():
+    torch.manual_seed(0)
+    d_t, d_s = torch.randn(4, 32), torch.randn(4, 32, requires_grad=True)
+    assert mrda.kl_loss(d_t, d_t).abs() < 1e-6 and mrda.abs_loss(d_t, d_t) == 0
+    kl = mrda.kl_loss(d_s, d_t)
+    p_t, p_s = (torch.softmax(v / 0.15, dim=1) for v in (d_t, d_s.detach()))
+    assert kl > 0 and torch.allclose(kl, (p_t * (p_t / p_s).log()).sum(1).mean(), rtol=1e-4)
+    assert torch.allclose(mrda.abs_loss(d_s, d_t), (d_s - d_t).abs().mean())
+    d_t.requires_grad_(True)
+    (mrda.kl_loss(d_s, d_t) + mrda.abs_loss(d_s, d_t)).backward()
+    assert d_s.grad is not None and d_t.grad is None  # the teacher side is detached
+
+
+@pytest.mark.parametrize("estimator_only", [True, False])
+def test_student_gradients_reach_only_the_right_parts(estimator_only):
+    torch.manual_seed(0)
+    cfg = smoke_cfg()
+    mln = mrda.build_mln(cfg).requires_grad_(False)
+    teacher = mrda.build_model(cfg, True).requires_grad_(False)
+    student = mrda.build_model(cfg, False)
+    img_hr = image_batch(2)
+    img_lr = mrda.degrade_batch(img_hr, cfg)
+    loss, scalars = mrda.student_step(student, mln, teacher, img_lr, img_hr, cfg, False, torch.device("cpu"),
+                                      estimator_only)
+    loss.backward()
+    assert all(p.grad is not None for p in student.E.parameters())
+    g_grads = [p.grad for p in student.G.parameters() if p.requires_grad]
+    assert all(g is None for g in g_grads) if estimator_only else all(g is not None for g in g_grads)
+    assert ("l_rec" in scalars) != estimator_only
+
+
+def test_paper_schedules():
+    cfg = mrda.Config()
+    assert [mrda.total_steps(cfg, s) for s in mrda.STAGES] == [600 * 971, 600 * 216, 500 * 1294, 500 * 647]
+    assert mrda.schedule(cfg, "pretrain", 124 * 971) == (1e-4, False)
+    assert mrda.schedule(cfg, "pretrain", 124 * 971 + 1) == (5e-5, False)     # epoch 125: halved
+    assert mrda.schedule(cfg, "meta", 149 * 216 + 1) == (5e-5, False)        # epoch 150
+    assert mrda.schedule(cfg, "student", 59 * 647 + 1) == (pytest.approx(1e-5), True)   # epoch 60: x0.1
+    assert mrda.schedule(cfg, "student", 100 * 647) == (pytest.approx(1e-5), True)
+    assert mrda.schedule(cfg, "student", 100 * 647 + 1) == (1e-4, False)     # joint phase
+    assert mrda.step_sizes(cfg) == [1e-2] * 5
+    assert mrda.step_sizes(dataclasses.replace(cfg, released_step_sizes=True)) == [1e-2] + [5e-3] * 4
+
+
+# ---- meta-learning: adaptation, meta step, reset, frozen upscaler -----------------------------------------
+def test_inner_steps_lower_the_support_loss_and_leave_meta_weights_untouched():
+    torch.manual_seed(0)
+    cfg = smoke_cfg(inner_steps=5)
+    mln = mrda.build_mln(cfg)
+    img_hr = image_batch(2)
+    img_lr = common.degrade(img_hr, common.isotropic_kernels(2.0), 4)        # one fixed degradation
+    img_bicubic = mrda.bicubic_up(img_lr, 4)
+    before = {k: v.clone() for k, v in mln.state_dict().items()}
+    theta, losses = mrda.adapt_mln(mln, img_lr, img_bicubic, img_hr, [cfg.inner_lr] * cfg.inner_steps)
+    adapted_loss = mrda.reconstruction_loss(functional_call(mln, theta, (img_lr, img_bicubic))[0], img_hr)
+    assert len(losses) == 5 and all(a > b for a, b in zip(losses, losses[1:])) and adapted_loss < losses[-1]
+    # the paper's alpha = 1e-2 moves an untrained MLN little (0.07693 -> 0.07691); alpha = 1 shows it is real descent
+    _, big_steps = mrda.adapt_mln(mln, img_lr, img_bicubic, img_hr, [1.0] * 5)
+    assert big_steps[-1] < 0.997 * big_steps[0], big_steps  # measured 0.07693 -> 0.07655
+    assert sorted(theta) == sorted(k for k in before if not k.startswith("tail."))  # upscaler is not adapted
+    assert all(torch.equal(before[k], v) for k, v in mln.state_dict().items())    # theta_M untouched
+
+
+def test_meta_step_sets_head_body_gradients_without_moving_weights():
+    torch.manual_seed(0)
+    cfg = smoke_cfg()
+    mln = mrda.build_mln(cfg)
+    mln.tail.requires_grad_(False)
+    before = {k: v.clone() for k, v in mln.state_dict().items()}
+    query_loss, scalars = mrda.meta_step(mln, image_batch(4), cfg, common.Dist())
+    assert torch.isfinite(query_loss) and not query_loss.requires_grad and "l_support" in scalars
+    assert all(torch.equal(before[k], v) for k, v in mln.state_dict().items())  # only the Adam step moves theta_M
+    for name, p in mln.named_parameters():
+        assert (p.grad is not None and p.grad.abs().sum() > 0) if name.startswith(mrda.ADAPTED) else p.grad is None
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_hr_dir, tmp_path_factory):
+    """pretrain -> meta -> teacher -> student, smoke preset, as a user would chain them."""
+    root = tmp_path_factory.mktemp("mrda_chain")
+    data = ["--data-dir", str(tiny_hr_dir), *SMOKE]
+    pretrain = mrda.main(["train", "--stage", "pretrain", "--steps", "3", "--out-dir", str(root / "p"), *data])
+    meta = mrda.main(["train", "--stage", "meta", "--pretrain-ckpt", str(pretrain), "--steps", "3",
+                      "--out-dir", str(root / "m"), *data])
+    teacher = mrda.main(["train", "--stage", "teacher", "--meta-ckpt", str(meta), "--steps", "3",
+                         "--out-dir", str(root / "t"), *data])
+    student = mrda.main(["train", "--stage", "student", "--teacher-ckpt", str(teacher), "--steps", "7",
+                         "--out-dir", str(root / "s"), *data])  # 5 estimator-only steps, then joint
+    return {"pretrain": pretrain, "meta": meta, "teacher": teacher, "student": student, "root": root}
+
+
+def load(path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def test_upscaler_never_changes_after_pretraining(chain):
+    pretrain, meta, teacher = (load(chain[s]) for s in ("pretrain", "meta", "teacher"))
+    tail = [k for k in pretrain["model"] if k.startswith("tail.")]
+    assert len(tail) == 6 and all(torch.equal(pretrain["model"][k], meta["model"][k]) for k in tail)
+    assert not torch.equal(pretrain["model"]["body.0.weight"], meta["model"]["body.0.weight"])  # meta-learned
+    assert all(torch.equal(meta["model"][k], teacher["mln"][k]) for k in meta["model"])  # theta_M handed over
+    assert log_records(chain["root"] / "s")[4]["l_kl"] > 0 and "l_rec" not in log_records(chain["root"] / "s")[4]
+    assert "l_rec" in log_records(chain["root"] / "s")[5]
+    student, t = load(chain["student"]), teacher["model"]
+    assert student["teacher_ckpt"] == str(chain["teacher"]) and teacher["meta_ckpt"] == str(chain["meta"])
+    assert not torch.equal(student["model"]["G.head.weight"], t["G.head.weight"])  # G fine-tuned in joint steps
+
+
+def test_teacher_resets_the_mln_to_theta_m_every_batch(chain, tiny_hr_dir, tmp_path, monkeypatch):
+    theta_m = load(chain["meta"])["model"]
+    starts, adapted, original = [], [], mrda.adapt_mln
+
+    def spy(mln, *args, **kwargs):
+        starts.append({k: v.clone() for k, v in mln.state_dict().items()})
+        theta, losses = original(mln, *args, **kwargs)
+        adapted.append(theta)
+        return theta, losses
+
+    monkeypatch.setattr(mrda, "adapt_mln", spy)
+    mrda.main(["train", "--stage", "teacher", "--meta-ckpt", str(chain["meta"]), "--data-dir", str(tiny_hr_dir),
+               "--steps", "3", "--out-dir", str(tmp_path / "t"), *SMOKE])
+    assert len(starts) == 3
+    for start in starts:  # batches 1, 2, 3 all start from theta_M bit for bit
+        assert all(torch.equal(start[k], theta_m[k]) for k in theta_m)
+    assert all(not torch.equal(theta["body.0.weight"], theta_m["body.0.weight"]) for theta in adapted)
+
+
+def test_eval_student_teacher_and_aniso_table(chain, tiny_bench_root, tmp_path):
+    run = ["--data", "Tiny", "--data-root", str(tiny_bench_root), "--device", "cpu"]
+    summary = mrda.main(["eval", "--ckpt", str(chain["student"]), "--out-dir", str(tmp_path / "e"),
+                         "--save-images", *run])
+    assert [r["degradation"] for r in summary][-1] == "mean" and len(summary) == 9
+    results = (tmp_path / "e" / "results.md").read_text()
+    assert "MRDA_S-custom x4 gaussian8 Tiny" in results and "bicubic x4 gaussian8 Tiny" in results
+    assert (tmp_path / "e" / "results.csv").is_file()
+    assert len(list((tmp_path / "e" / "images").rglob("*.png"))) == 16  # 2 images x 8 sigmas
+    oracle = mrda.main(["eval", "--ckpt", str(chain["teacher"]), "--out-dir", str(tmp_path / "t"), *run])
+    assert len(oracle) == 9 and all(math.isfinite(r["psnr"]) for r in oracle)
+    assert "MRDA_T-oracle-custom x4 gaussian8 Tiny" in (tmp_path / "t" / "results.md").read_text()
+    aniso = mrda.main(["eval", "--ckpt", str(chain["student"]), "--protocol", "aniso_noise", "--limit", "1",
+                       "--out-dir", str(tmp_path / "a"), *run])
+    assert len(aniso) == 28 and aniso[0]["degradation"] == "k1/n0"
+    with pytest.raises(SystemExit, match=r"^error: .* is a 'meta' checkpoint; expected stage teacher or student$"):
+        mrda.main(["eval", "--ckpt", str(chain["meta"]), *run])
+
+
+def test_cli_errors_are_one_line(chain, tiny_hr_dir, tmp_path):
+    train = ["train", "--data-dir", str(tiny_hr_dir), "--out-dir", str(tmp_path), *SMOKE]
+    with pytest.raises(SystemExit, match="^error: the meta stage needs --pretrain-ckpt"):
+        mrda.main([*train, "--stage", "meta"])
+    with pytest.raises(SystemExit, match="^error: the student stage needs --teacher-ckpt"):
+        mrda.main([*train, "--stage", "student"])
+    with pytest.raises(SystemExit, match=r"^error: .* is a 'pretrain' checkpoint; expected stage meta$"):
+        mrda.main([*train, "--stage", "teacher", "--meta-ckpt", str(chain["pretrain"])])
+    with pytest.raises(SystemExit, match=r"^error: .* has mln_feats=8 but this stage has mln_feats=128"):
+        mrda.main([*train, "--stage", "teacher", "--meta-ckpt", str(chain["meta"]), "--preset", "paper"])
+    with pytest.raises(SystemExit, match="^error: the meta batch is split"):
+        mrda.main([*train, "--stage", "meta", "--pretrain-ckpt", str(chain["pretrain"]), "--batch-size", "3"])
+    with pytest.raises(SystemExit, match="^error: give exactly one"):
+        mrda.main(["eval", "--device", "cpu"])
+
+
+def test_teacher_loss_goes_down_on_one_image(chain, tmp_path):
+    (folder := tmp_path / "hr").mkdir()
+    Image.fromarray(synthetic_image(3, 64, 64)).save(folder / "one.png")
+    mrda.main(["train", "--stage", "teacher", "--meta-ckpt", str(chain["meta"]), "--data-dir", str(folder),
+               "--steps", "300", "--log-every", "1", "--out-dir", str(tmp_path / "t"), *SMOKE])
+    losses = [r["l_rec"] for r in log_records(tmp_path / "t")]
+    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
+    assert last < 0.5 * first, (first, last)  # measured: see README
+
+
+@pytest.mark.parametrize("stage", mrda.STAGES)
+def test_resume_continues_with_the_identical_loss(chain, tiny_hr_dir, tmp_path, stage):
+    handoff = {"pretrain": [], "meta": ["--pretrain-ckpt", str(chain["pretrain"])],
+               "teacher": ["--meta-ckpt", str(chain["meta"])], "student": ["--teacher-ckpt", str(chain["teacher"])]}
+    train = ["train", "--stage", stage, "--data-dir", str(tiny_hr_dir), *SMOKE]
+    full = mrda.main([*train, *handoff[stage], "--steps", "6", "--out-dir", str(tmp_path / "full")])
+    mrda.main([*train, *handoff[stage], "--steps", "3", "--out-dir", str(tmp_path / "half")])
+    # no hand-off flag on resume: the checkpoint remembers where it started from
+    resumed = mrda.main([*train, "--steps", "6", "--out-dir", str(tmp_path / "half"), "--resume"])
+    assert [r["step"] for r in log_records(tmp_path / "half")] == [1, 2, 3, 4, 5, 6]
+    assert log_records(tmp_path / "half")[-1]["loss"] == log_records(tmp_path / "full")[-1]["loss"]
+    full_state, resumed_state = load(full)["model"], load(resumed)["model"]
+    assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
+
+
+def test_meta_stage_under_torchrun_keeps_ranks_identical(chain, tiny_hr_dir, tmp_path):
+    """Each rank adapts to its own degradations; the hand-made all-reduce of the meta-gradient keeps theta_M equal."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "ddp_train_probe.py"), "mrda", "train", "--stage", "meta", "--pretrain-ckpt",
+           str(chain["pretrain"]), "--data-dir", str(tiny_hr_dir), "--steps", "3", "--out-dir", str(tmp_path / "m"),
+           *SMOKE]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    probes = [json.loads(obj) for obj in re.findall(r'\{"rank"[^{}]*\}', result.stdout)]
+    assert sorted(p["rank"] for p in probes) == [0, 1] and all(p["ranks_agree"] for p in probes)
+    assert [r["step"] for r in log_records(tmp_path / "m")] == [1, 2, 3]  # rank 0 logs
+
+
+# ---- official weights --------------------------------------------------------------------------------------
+def manifest_state(shared, name: str) -> dict:
+    """A random tensor for every key/shape of an official manifest; the mean shift set to its fixed values."""
+    gen, state = torch.Generator().manual_seed(0), {}
+    for line in (shared / "manifests" / name).read_text().splitlines():
+        key, shape = line.split("\t")
+        state[key] = torch.randn([int(s) for s in shape.split("x")], generator=gen) * 0.02
+    for conv, sign in (("sub_mean", -1.0), ("add_mean", 1.0)):
+        if f"G.{conv}.weight" in state:
+            state[f"G.{conv}.weight"] = torch.eye(3)[:, :, None, None]
+            state[f"G.{conv}.bias"] = sign * torch.tensor(mrda.DIV2K_MEAN)
+    return state
+
+
+@pytest.mark.parametrize("name, teacher", [("MRDA_S_classic_keys.tsv", False), ("MRDA_T_classic_keys.tsv", True)])
+def test_official_manifest_loads_strictly(shared, tmp_path, name, teacher):
+    state = manifest_state(shared, name)
+    torch.save(state, path := tmp_path / "official.pt")
+    model, cfg = mrda.load_official(path)
+    assert model.teacher == teacher and (cfg.n_feats, cfg.n_blocks, cfg.den_feats, cfg.mln_feats) == (64, 27, 64, 128)
+    ours = model.state_dict()
+    prefix = "E." if teacher else "E_st."
+    assert torch.equal(ours["G.blocks.26.da_conv2.conv.bias"], state["G.body.0.body.26.da_conv2.conv.bias"])
+    assert torch.equal(ours["G.compress.weight"], state["G.compress.0.weight"])
+    assert torch.equal(ours["G.upsample.2.weight"], state["G.tail.0.2.weight"])
+    assert torch.equal(ours["E.features.10.weight"], state[f"{prefix}E.10.weight"])
+    assert sorted(t.sum().item() for t in ours.values()) == sorted(t.sum().item() for t in state.values())
+
+
+def test_official_mln_loads_strictly(shared, tmp_path):
+    state = manifest_state(shared, "MRDA_MLN_keys.tsv")
+    torch.save(state, path := tmp_path / "mln.pt")
+    mln = mrda.load_official_mln(path, mrda.Config())
+    assert all(torch.equal(mln.state_dict()[k], v) for k, v in state.items()) and len(state) == 20
+
+
+def test_official_errors_name_the_keys(shared, tmp_path):
+    state = manifest_state(shared, "MRDA_S_classic_keys.tsv")
+    for label, broken, message in [
+            ("missing", {k: v for k, v in state.items() if k != "G.body.0.body.5.conv1.weight"},
+             r"official keys missing \(1\): G\.body\.0\.body\.5\.conv1\.weight"),
+            ("extra", {**state, "G.foo.weight": torch.zeros(1)}, r"unexpected official keys \(1\): G\.foo\.weight"),
+            ("shape", {**state, "G.head.0.bias": torch.zeros(65)}, r"shape mismatches \(1\): G\.head\.0\.bias")]:
+        torch.save(broken, path := tmp_path / f"{label}.pt")
+        with pytest.raises(common.UserError, match=message):
+            mrda.load_official(path)
+    with pytest.raises(SystemExit, match="^error: official weights not found"):
+        mrda.main(["eval", "--official-weights", str(tmp_path / "none.pt"), "--device", "cpu"])
+
+
+def test_official_student_and_teacher_eval(shared, tiny_bench_root, tmp_path):
+    torch.save(manifest_state(shared, "MRDA_S_classic_keys.tsv"), student := tmp_path / "iso_ST.pt")
+    torch.save(manifest_state(shared, "MRDA_T_classic_keys.tsv"), teacher := tmp_path / "T.pt")
+    torch.save(manifest_state(shared, "MRDA_MLN_keys.tsv"), mln := tmp_path / "mln.pt")
+    run = ["--data", "Tiny", "--data-root", str(tiny_bench_root), "--device", "cpu", "--limit", "1"]
+    rows = mrda.main(["eval", "--official-weights", str(student), "--out-dir", str(tmp_path / "s"), *run])
+    assert len(rows) == 9 and "MRDA_S x4" in (tmp_path / "s" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="^error: an MRDA_T file needs the released MLN too"):
+        mrda.main(["eval", "--official-weights", str(teacher), *run])
+    rows = mrda.main(["eval", "--official-weights", str(teacher), "--official-mln", str(mln), "--protocol", "bicubic",
+                      "--out-dir", str(tmp_path / "t"), *run])
+    assert len(rows) == 2 and math.isfinite(rows[0]["psnr"])
