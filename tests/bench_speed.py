@@ -36,6 +36,10 @@ torch.set_num_threads(os.cpu_count() or 1)
 PLAN = [
     ("kdsr", "teacher", ["--stage", "teacher"], "kdsr_t", None),
     ("kdsr", "student", ["--stage", "student", "--teacher-ckpt", "{kdsr_t}"], "kdsr_s", ["--ckpt", "{kdsr_s}"]),
+    ("mrda", "pretrain", ["--stage", "pretrain"], "mrda_p", None),
+    ("mrda", "meta", ["--stage", "meta", "--pretrain-ckpt", "{mrda_p}"], "mrda_m", None),
+    ("mrda", "teacher", ["--stage", "teacher", "--meta-ckpt", "{mrda_m}"], "mrda_t", None),
+    ("mrda", "student", ["--stage", "student", "--teacher-ckpt", "{mrda_t}"], "mrda_s", ["--ckpt", "{mrda_s}"]),
     ("redsr", "joint", [], "redsr", ["--ckpt", "{redsr}"]),
     ("craft_dist", "sr", [], "craft", ["--ckpt", "{craft}", "--settings"]),
     ("pdm_sr", "joint", ["--lr-dir", "{lr}"], "pdm", ["--ckpt", "{pdm}"]),
