@@ -353,8 +353,11 @@ def ddp_setup(device=None) -> Dist:
     return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 def ddp_teardown(dist: Dist) -> None:
+    """Leave the process group together: a rank that tears down while another is still talking aborts."""
     if dist.enabled and torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
 def wrap_ddp(model: torch.nn.Module, dist: Dist, find_unused: bool = False) -> torch.nn.Module:
     """DistributedDataParallel when running under torchrun; the model itself otherwise."""
     if not dist.enabled:

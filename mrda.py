@@ -33,6 +33,7 @@ Usage:
     python mrda.py train --stage student --teacher-ckpt runs/mrda/teacher/last.pt --data-dir DIV2K/HR Flickr2K/HR
     python mrda.py eval --ckpt runs/mrda/student/last.pt --data Set5 Set14 B100 Urban100 Manga109
     python mrda.py eval --ckpt runs/mrda/teacher/last.pt --data Set14   # oracle: adapts the MLN on each HR
+    python mrda.py eval --ckpt runs/mrda/student/last.pt --data Urban100 --tile 128   # student: LR tiles
     python mrda.py eval --official-weights iso_ST.pt --data Set14 --protocol gaussian8
 """
 from __future__ import annotations
@@ -423,8 +424,10 @@ def teacher_representation(mln: MLN, img_lr: torch.Tensor, img_hr: torch.Tensor,
 def student_step(net: nn.Module, mln: MLN, teacher: MRDA, img_lr, img_hr, cfg: Config, amp: bool, device,
                  estimator_only: bool):
     """L = L_rec + lambda_kl L_kl + lambda_abs L_abs [Eq. 6]; estimator-only phase: without L_rec [official code]."""
+    d_prime = teacher_representation(mln, img_lr, img_hr, cfg)                   # float32 adaptation, no grad
     with common.autocast(device, amp):
-        d_teacher = teacher.E(teacher_representation(mln, img_lr, img_hr, cfg))    # D_T (B, 4c), frozen, no grad
+        with torch.no_grad():
+            d_teacher = teacher.E(d_prime)                                        # D_T (B, 4c), frozen
         img_sr, d_student = net(img_lr, with_sr=not estimator_only)               # D_S = DEN_S(LR)
     l_kl, l_abs = kl_loss(d_student, d_teacher, cfg.kd_temperature), abs_loss(d_student, d_teacher)
     loss = cfg.kl_weight * l_kl + cfg.abs_weight * l_abs
@@ -668,7 +671,12 @@ def oracle_sr_fn(model: MRDA, mln: MLN, cfg: Config, data, args, device):
 def evaluate(args) -> list[dict]:
     """Benchmark tables (protocol.md: Gaussian8 [Tab. II], aniso+noise [Tab. III]) plus the bicubic reference row."""
     device = common.pick_device(args.device)
+    if args.tile < 0 or args.tile_overlap < 0:
+        raise common.UserError(f"--tile and --tile-overlap must be >= 0, got {args.tile} and {args.tile_overlap}")
     model, mln, cfg, name = load_for_inference(args, device)
+    if model.teacher and args.tile:
+        raise common.UserError("--tile is for the student: the teacher (oracle) adapts its MLN on the whole HR image")
+    name += f" tile{args.tile}" if args.tile else ""
     out_dir = Path(args.out_dir)
 
     @torch.no_grad()
@@ -678,7 +686,8 @@ def evaluate(args) -> list[dict]:
 
     summary = []
     for data in args.data:
-        sr_fn = oracle_sr_fn(model, mln, cfg, data, args, device) if model.teacher else blind_sr
+        sr_fn = (oracle_sr_fn(model, mln, cfg, data, args, device) if model.teacher  # tile 0: blind_sr itself
+                 else common.tiled(blind_sr, args.scale, args.tile, args.tile_overlap))
         rows = common.run_benchmark(sr_fn, data, args.protocol, args.scale, root=args.data_root, device=device,
                                     save_dir=out_dir / "images" if args.save_images else None, limit=args.limit)
         bicubic = common.run_benchmark(common.bicubic_sr(args.scale), data, args.protocol, args.scale,
@@ -813,6 +822,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--official-mln", help="released MLN file, needed with an MRDA_T file")
     common.add_run_args(ev)
     common.add_eval_args(ev)
+    ev.add_argument("--tile", type=int, default=0,
+                    help="student: super-resolve LR tiles of N px to bound memory (default 0: whole image). DEN_S "
+                         "pools globally, so each tile gets its own D: the output differs from the whole-image one "
+                         "unless the tile covers the LR image. Not for the teacher (it adapts on the whole HR)")
+    ev.add_argument("--tile-overlap", type=int, default=16, help="LR px of context around each tile (default 16)")
     return parser
 
 

@@ -617,13 +617,18 @@ def load_for_inference(args, device) -> tuple[nn.Module, Config, str]:
 def evaluate(args) -> list[dict]:
     """Paired validation (--data HR --lr-data LR) or the benchmark protocols; method + bicubic rows."""
     device = common.pick_device(args.device)
+    if args.tile < 0 or args.tile_overlap < 0:
+        raise common.UserError(f"--tile and --tile-overlap must be >= 0, got {args.tile} and {args.tile_overlap}")
     model, cfg, name = load_for_inference(args, device)
+    name += f" tile{args.tile}" if args.tile else ""
     out_dir = Path(args.out_dir)
     save_dir = out_dir / "images" if args.save_images else None
 
-    def sr_fn(img_lr):
+    def whole_image_sr(img_lr):
         with common.autocast(device, args.amp):
             return model(img_lr).float()
+
+    sr_fn = common.tiled(whole_image_sr, args.scale, args.tile, args.tile_overlap)  # tile 0: the function itself
 
     if args.lr_data and len(args.data) != 1:
         raise common.UserError("--lr-data pairs with exactly one HR folder in --data")
@@ -764,6 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--official-weights", help="released SR checkpoint (.pth)")
     ev.add_argument("--sr-net", choices=SR_NETS, default="edsr", help="layout of --official-weights")
     ev.add_argument("--lr-data", help="LR folder matched by name to the single HR folder in --data")
+    ev.add_argument("--tile", type=int, default=0, help="super-resolve LR tiles of N px (default 0: whole image)")
+    ev.add_argument("--tile-overlap", type=int, default=16, help="LR px of context around each tile (default 16)")
     common.add_run_args(ev)
     common.add_eval_args(ev)
     sa = sub.add_parser("sample", help="draw LR images and a kernel/noise sheet from a learned PDM")

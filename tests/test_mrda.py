@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -311,10 +312,91 @@ def test_meta_stage_under_torchrun_keeps_ranks_identical(chain, tiny_hr_dir, tmp
            *SMOKE]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
     probes = [json.loads(obj) for obj in re.findall(r'\{"rank"[^{}]*\}', result.stdout)]
-    assert sorted(p["rank"] for p in probes) == [0, 1] and all(p["ranks_agree"] for p in probes)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p["rank"] for p in probes) == [0, 1] and all(p["world"] == 2 for p in probes)
+    assert all(p["models"] >= 1 and p["ranks_agree"] for p in probes)
+    assert probes[0]["checksum"] == probes[1]["checksum"]
+    theta_m, pretrained = load(tmp_path / "m" / "last.pt")["model"], load(chain["pretrain"])["model"]
+    assert not torch.equal(theta_m["body.0.weight"], pretrained["body.0.weight"])  # the meta steps did move theta_M
     assert [r["step"] for r in log_records(tmp_path / "m")] == [1, 2, 3]  # rank 0 logs
+
+
+# ---- robustness: signals, non-finite loss, tiles, wrong inputs -----------------------------------------------
+@pytest.fixture
+def saved_signal_handlers():
+    """The loop installs its own SIGINT/SIGTERM handlers: whatever happens, put pytest's back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield saved
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_sigterm_writes_last_pt_and_resume_is_exact(chain, tiny_hr_dir, tmp_path, monkeypatch, capsys,
+                                                    saved_signal_handlers):
+    train = ["train", "--stage", "teacher", "--data-dir", str(tiny_hr_dir), *SMOKE]
+    full = mrda.main([*train, "--meta-ckpt", str(chain["meta"]), "--steps", "6", "--out-dir", str(tmp_path / "full")])
+    original_log = common.RunLog.log
+
+    def log_then_signal(self, step, stage, **scalars):  # the signal lands in the middle of step 3's bookkeeping
+        original_log(self, step, stage, **scalars)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(common.RunLog, "log", log_then_signal)
+    stopped = mrda.main([*train, "--meta-ckpt", str(chain["meta"]), "--steps", "6", "--out-dir", str(tmp_path / "half")])
+    assert load(stopped)["step"] == 3
+    assert f"stopped by signal at step 3; checkpoint {stopped}; continue with --resume" in capsys.readouterr().out
+    assert {sig: signal.getsignal(sig) for sig in saved_signal_handlers} == saved_signal_handlers  # restored
+    monkeypatch.setattr(common.RunLog, "log", original_log)
+    resumed = mrda.main([*train, "--out-dir", str(tmp_path / "half"), "--resume"])  # steps, meta-ckpt from last.pt
+    assert [r["step"] for r in log_records(tmp_path / "half")] == [1, 2, 3, 4, 5, 6]
+    assert log_records(tmp_path / "half")[-1]["loss"] == log_records(tmp_path / "full")[-1]["loss"]
+    full_state, resumed_state = load(full)["model"], load(resumed)["model"]
+    assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
+
+
+# reconstruction_loss calls per step (smoke: m = 2 tasks, n = 2 inner steps): pretrain 1, meta m (n + 1), teacher n + 1
+@pytest.mark.parametrize("stage, calls_per_step", [("pretrain", 1), ("meta", 6), ("teacher", 3)])
+def test_nan_loss_stops_before_the_update_and_keeps_last_good(chain, tiny_hr_dir, tmp_path, monkeypatch, stage,
+                                                              calls_per_step):
+    calls, original = [], mrda.reconstruction_loss
+
+    def nan_in_third_step(img_sr, img_hr):
+        calls.append(1)
+        loss = original(img_sr, img_hr)
+        return loss * float("nan") if len(calls) == 3 * calls_per_step else loss
+
+    monkeypatch.setattr(mrda, "reconstruction_loss", nan_in_third_step)
+    handoff = {"pretrain": [], "meta": ["--pretrain-ckpt", str(chain["pretrain"])],
+               "teacher": ["--meta-ckpt", str(chain["meta"])]}[stage]
+    out = tmp_path / stage
+    with pytest.raises(SystemExit) as exit_info:
+        mrda.main(["train", "--stage", stage, *handoff, "--data-dir", str(tiny_hr_dir), "--steps", "6",
+                   "--save-every", "2", "--out-dir", str(out), *SMOKE])
+    message = str(exit_info.value)
+    assert "\n" not in message and re.match(rf"^error: loss became nan at step 3; .*last good checkpoint is "
+                                            rf"{re.escape(str(out / 'last.pt'))}", message), message
+    ckpt = common.load_checkpoint(out / "last.pt", "mrda", (stage,))
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert [r["step"] for r in log_records(out)] == [1, 2]  # the bad step was neither applied nor logged
+
+
+def test_tiled_eval_and_wrong_scale(chain, tiny_bench_root, tmp_path):
+    run = ["eval", "--ckpt", str(chain["student"]), "--data", "Tiny", "--data-root", str(tiny_bench_root),
+           "--device", "cpu", "--limit", "1"]
+    whole = mrda.main([*run, "--out-dir", str(tmp_path / "w")])
+    covering = mrda.main([*run, "--tile", "16", "--out-dir", str(tmp_path / "t16")])  # LR is 12x16: one tile
+    assert [r["psnr"] for r in covering] == [r["psnr"] for r in whole]
+    tiled = mrda.main([*run, "--tile", "8", "--tile-overlap", "2", "--out-dir", str(tmp_path / "t8")])
+    assert all(math.isfinite(r["psnr"]) for r in tiled) and tiled != whole  # DEN_S pools per tile
+    assert "MRDA_S-custom tile8 x4 gaussian8 Tiny" in (tmp_path / "t8" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="^error: --tile and --tile-overlap must be >= 0"):
+        mrda.main([*run, "--tile", "8", "--tile-overlap", "-1"])
+    with pytest.raises(SystemExit, match="^error: --tile is for the student"):
+        mrda.main([*run[:2], str(chain["teacher"]), *run[3:], "--tile", "8"])
+    with pytest.raises(SystemExit, match=r"^error: .* is a x4 model but --scale 2 was given: use --scale 4$"):
+        mrda.main([*run, "--scale", "2"])
 
 
 # ---- official weights --------------------------------------------------------------------------------------
@@ -335,7 +417,11 @@ def manifest_state(shared, name: str) -> dict:
 def test_official_manifest_loads_strictly(shared, tmp_path, name, teacher):
     state = manifest_state(shared, name)
     torch.save(state, path := tmp_path / "official.pt")
+    img_lr, fresh = torch.rand(1, 3, 8, 8), mrda.build_model(mrda.Config(), teacher).eval()
     model, cfg = mrda.load_official(path)
+    d_in = torch.rand(1, 128, 8, 8) if teacher else None
+    with torch.no_grad():  # loading really replaced the weights: the output moves
+        assert not torch.allclose(fresh(img_lr, d_in)[0], model.eval()(img_lr, d_in)[0])
     assert model.teacher == teacher and (cfg.n_feats, cfg.n_blocks, cfg.den_feats, cfg.mln_feats) == (64, 27, 64, 128)
     ours = model.state_dict()
     prefix = "E." if teacher else "E_st."
