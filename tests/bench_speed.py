@@ -97,7 +97,7 @@ def run_plan(plan, device: str, batch: str, steps: int, amp: bool, root: Path) -
             try:
                 with open(out / "eval.stdout", "w") as log, contextlib.redirect_stdout(log):
                     module.main([a.format(**ckpts) for a in ["eval", *eval_argv, "--data", str(bench), "--protocol",
-                                                             "bicubic", "--device", device, "--out-dir", str(out)]])
+                                                             "bicubic", "--out-dir", str(out), *flags[:2], *flags[6:]]])
             finally:
                 common.run_benchmark = original
             row["infer_ms_180x320"] = times[0] if times else None
