@@ -4,7 +4,7 @@ utilities. [P §n] cites the shared evaluation protocol (see README.md). Bicubic
 `python common.py baseline --data Set5 Set14 --protocol gaussian8 --scale 4 --data-root datasets`."""
 from __future__ import annotations
 
-import argparse, contextlib, csv, dataclasses, functools, hashlib, itertools, json, math, os, random, signal, time
+import argparse, contextlib, csv, dataclasses, functools, hashlib, itertools, json, math, os, random, signal, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -353,9 +353,11 @@ def ddp_setup(device=None) -> Dist:
     return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 def ddp_teardown(dist: Dist) -> None:
-    """Leave the process group together: a rank that tears down while another is still talking aborts."""
+    """Call from `finally`. After a normal finish the ranks leave together (one tearing down while another is still
+    talking aborts it); with an exception in flight this rank leaves at once, so torchrun sees it fail (no hang)."""
     if dist.enabled and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        if sys.exc_info()[0] is None:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 def wrap_ddp(model: torch.nn.Module, dist: Dist, find_unused: bool = False) -> torch.nn.Module:

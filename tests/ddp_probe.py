@@ -1,4 +1,5 @@
-"""Run under `torchrun --nproc_per_node=2`: exercises common's DDP helpers and prints one JSON line per rank."""
+"""Run under `torchrun --nproc_per_node=2`: exercises common's DDP helpers and prints one JSON line per rank;
+with `fail-on-rank-1` rank 1 raises instead, and the run must end (not hang in teardown)."""
 import json
 import os
 import sys
@@ -10,6 +11,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 dist = common.ddp_setup(torch.device("cpu"))
+if sys.argv[2:] == ["fail-on-rank-1"]:                      # one rank fails while the other waits in a collective
+    try:
+        if dist.rank == 1:
+            raise RuntimeError("rank 1 failed")
+        torch.distributed.all_reduce(torch.ones(1))
+    finally:
+        common.ddp_teardown(dist)
 mean = common.all_reduce_mean(torch.tensor(float(dist.rank + 1)), dist).item()
 torch.manual_seed(0)                                        # same initial weights on every rank
 model = common.wrap_ddp(torch.nn.Linear(4, 1), dist)

@@ -312,3 +312,12 @@ def test_torchrun_two_processes_all_reduce(tiny_hr_dir):
     for record in records:
         assert record["world"] == 2 and record["mean"] == 1.5
         assert record["weights_agree"] and record["batches_differ"] and record["rng_per_rank"]
+
+
+def test_torchrun_one_rank_failing_ends_the_run(tiny_hr_dir):
+    """The rank that raises leaves the group at once (no teardown barrier), so the waiting rank errors out too."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(REPO / "tests" / "ddp_probe.py"), str(tiny_hr_dir), "fail-on-rank-1"],
+                            capture_output=True, text=True, timeout=90, env=env)
+    assert result.returncode != 0 and "rank 1 failed" in result.stderr
