@@ -14,7 +14,8 @@ Paper map
     Eq. 3  Frechet distance of deep features      -> frechet_distance (exact, sample space),
                                                      frechet_distance_gaussians (scipy sqrtm reference)
     Eq. 4  bin weights from normalised distances  -> bin_weights
-    Sec. 3.5 feature extractor phi                -> AlexNetPhi (fc7), VGG19Phi (VGG_{2,2} / VGG_{5,4})
+    Sec. 3.5 feature extractor phi                -> AlexNetPhi (fc7), VGG19Phi (VGG_{2,2} / VGG_{5,4}),
+                                                     EncoderPhi (a kdsr.py / redsr.py encoder: the DASR row)
     Tab. 1 test settings 1-4                      -> SETTINGS, evaluate_settings
     Tab. 2 SRResNet / RRDB backbones              -> MSRResNet, RRDBNet
     "weights" stage (Sec. 3.4)                    -> compute_weights (CLI `weights`)
@@ -29,7 +30,7 @@ Deviations / choices (all [ours] or [DEV]; README lists the [DEV] ones)
           device, JPEG per sample through Pillow), not in data workers, so --resume is exact.
     [ours] kernel 31x31, separable; MATLAB bicubic ↓4; colour noise (--gray-noise flag); Pillow JPEG 4:2:0;
           flat bin index b = (i_sigma * n_l + i_l) * n_q + i_q (= 15 i_sigma + 3 i_l + i_q), stored in weights.json.
-    Not implemented: phi = DASR / a kdsr.py or redsr.py degradation encoder; LPIPS.
+    Not implemented: phi = DASR itself (`--phi encoder:CKPT` takes a kdsr.py student or redsr.py model); LPIPS.
 
 Usage
     python craft_dist.py refs --clean-dir photos/ --setting 3 --out-dir refs3      # synthetic references
@@ -40,7 +41,7 @@ Usage
 """
 from __future__ import annotations
 
-import argparse, dataclasses, functools, io, json, math, os, time
+import argparse, dataclasses, functools, importlib, io, json, math, os, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,6 +249,18 @@ class VGG19Phi(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features((x - self.mean) / self.std).mean(dim=(2, 3))    # (B, C)
+
+
+class EncoderPhi(nn.Module):
+    """φ = a trained degradation encoder, the analogue of the paper's DASR row [Tab. 2]: `encode(x)` maps LR images
+    in [0, 1] (no ImageNet normalisation) to their degradation representation (B, C)."""
+
+    def __init__(self, net: nn.Module, encode):
+        super().__init__()
+        self.net, self.encode = net, encode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)
 
 
 class ResidualBlockNoBN(nn.Module):
@@ -711,8 +724,26 @@ def _read_state_dict(path, wrappers=("state_dict", "params_ema", "params", "mode
     return obj
 
 
+def load_encoder_phi(path) -> EncoderPhi:
+    """`encoder:PATH`: a kdsr.py student's D′ (4C) or a redsr.py model's f (C), built by that script's own loader
+    (imported only for this option) [ours]."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a missing or unreadable file is reported below
+        ckpt = None
+    if not isinstance(ckpt, dict) or ckpt.get("script") not in ("kdsr", "redsr"):
+        raise common.UserError(f"--phi encoder:{path}: expected a kdsr.py student or redsr.py checkpoint file")
+    loader = importlib.import_module(ckpt["script"]).load_for_inference
+    net = loader(argparse.Namespace(ckpt=path, official_weights=None, scale=ckpt["config"]["scale"]), "cpu")[0]
+    return EncoderPhi(net, (lambda x: net.estimate(x)[1]) if ckpt["script"] == "kdsr" else net.represent)
+
+
 def build_phi(name: str, weights_path=None) -> nn.Module:
     """φ by name; torchvision-keyed weights from --phi-weights (strict), else random init with seed 0."""
+    if name.startswith("encoder:"):
+        if weights_path is not None:
+            raise common.UserError("--phi-weights is for alexnet and vgg19; --phi encoder:PATH brings its own weights")
+        return load_encoder_phi(name.removeprefix("encoder:")).eval()
     state = _read_state_dict(weights_path) if weights_path is not None else None   # fail fast on a bad file
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)                                        # alexnet-random: seed 0 [ours]
@@ -723,7 +754,7 @@ def build_phi(name: str, weights_path=None) -> nn.Module:
             phi = VGG19Phi(last)
             ignore = ("classifier.",) + tuple(f"features.{i}." for i in range(last + 1, 37))
         else:
-            raise common.UserError(f"unknown phi '{name}'; expected alexnet, vgg19-2_2 or vgg19-5_4")
+            raise common.UserError(f"unknown phi '{name}'; expected alexnet, vgg19-2_2, vgg19-5_4 or encoder:PATH")
     if state is not None:
         strict_load(phi, state, weights_path, ignore)
     elif name != "alexnet":
@@ -797,7 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--clean-dir", required=True, nargs="+", help="clean HR images Y_w (>= 288x288)")
     w.add_argument("--out", default=f"runs/{SCRIPT}/weights/weights.json", help="also writes <out>.png")
     w.add_argument("--alpha", type=float, default=None, help="Eq. 4 exponent (paper 25; 0 = uniform)")
-    w.add_argument("--phi", choices=["alexnet", "vgg19-2_2", "vgg19-5_4"], default=None)
+    w.add_argument("--phi", default=None, help="alexnet (default), vgg19-2_2, vgg19-5_4, or encoder:CKPT (a kdsr.py "
+                   "student or redsr.py checkpoint: its degradation representation, the paper's DASR row)")
     w.add_argument("--phi-weights", default=None, help="torchvision state dict for φ (random AlexNet if absent)")
     w.add_argument("--n-clean", type=int, default=None, help="number of clean 288x288 crops (paper ~100)")
     for name in ("sigma", "noise", "quality"):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -288,6 +289,39 @@ def test_weights_train_eval_end_to_end(tmp_path, clean_dir, tiny_hr_dir, tiny_be
     cd.main(["eval", "--ckpt", str(run / "last.pt"), "--data", "Tiny", "--data-root", str(tiny_bench_root),
              "--settings", "--protocol", "bicubic", "--out-dir", str(tmp_path / "ev2"), "--device", "cpu"])
     assert "| Tiny | bicubic |" in (tmp_path / "ev2" / "results.md").read_text()
+
+
+def test_encoder_phi_from_kdsr_and_redsr_checkpoints(tmp_path, clean_dir, tiny_hr_dir):
+    """--phi encoder:CKPT (the DASR-row analogue): φ is the other script's degradation representation."""
+    import kdsr
+    import redsr
+    smoke = ["--preset", "smoke", "--device", "cpu", "--workers", "0", "--data-dir", str(tiny_hr_dir), "--steps", "2"]
+    teacher = kdsr.main(["train", "--stage", "teacher", "--out-dir", str(tmp_path / "kt"), *smoke])
+    student = kdsr.main(["train", "--stage", "student", "--teacher-ckpt", str(teacher), "--out-dir",
+                         str(tmp_path / "ks"), *smoke])
+    redsr.main(["train", "--out-dir", str(tmp_path / "r"), *smoke])
+    x = img_stack([1, 2], 72)
+    for ckpt, script in ((student, "kdsr"), (tmp_path / "r" / "last.pt", "redsr")):
+        module = __import__(script)
+        net, cfg = module.load_for_inference(SimpleNamespace(ckpt=ckpt, official_weights=None, scale=4), "cpu")[:2]
+        phi = cd.build_phi(f"encoder:{ckpt}")
+        with torch.no_grad():
+            expected = net.estimate(x)[1] if script == "kdsr" else net.represent(x)
+            assert torch.equal(phi(x), expected)                                   # D′ (4C) or f (C)
+        assert phi(x).shape == (2, 4 * cfg.n_feats if script == "kdsr" else cfg.rep_dim)
+        out = tmp_path / script / "weights.json"
+        cd.main(["weights", "--preset", "smoke", "--ref-dir", str(tiny_hr_dir), "--clean-dir", str(clean_dir),
+                 "--phi", f"encoder:{ckpt}", "--out", str(out), "--device", "cpu", "--sigma-edges", "0", "2.5", "5",
+                 "--noise-edges", "0", "25", "50", "--quality-edges", "30", "60", "90"])
+        data = json.loads(out.read_text())
+        assert data["phi"] == f"encoder:{ckpt}" and sum(data["weights"]) == pytest.approx(1)
+        assert all(math.isfinite(d) and d >= 0 for d in data["distances"])
+    with pytest.raises(common.UserError, match="expected a kdsr.py student or redsr.py checkpoint"):
+        cd.build_phi(f"encoder:{tmp_path / 'missing.pt'}")
+    with pytest.raises(common.UserError, match="teacher"):
+        cd.build_phi(f"encoder:{teacher}")
+    with pytest.raises(common.UserError, match="brings its own weights"):
+        cd.build_phi(f"encoder:{student}", tmp_path / "alexnet.pth")
 
 
 def test_resume_continues_identically(tmp_path, tiny_hr_dir):
