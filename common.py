@@ -467,6 +467,15 @@ class RunLog:
         with open(self.path, "a") as f:
             f.write(json.dumps({"stage": stage, "step": step, **scalars, "ms_per_it": ms_per_it}) + "\n")
 
+def at_least(low, kind=int):
+    """argparse type of a numeric flag >= low: `--steps 0` is one usage line, never a traceback later on."""
+    def parse(text: str):
+        if not (value := kind(text)) >= low:                                   # `not >=` also rejects nan
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} >= {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__                                             # argparse: "invalid int value: 'x'"
+    return parse
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """Flags every `train`/`eval` shares."""
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -474,17 +483,17 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default=None, help="default: runs/<script>/<stage>")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast (CUDA)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False, help="(CUDA)")
-    parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loader workers")
+    parser.add_argument("--log-every", type=at_least(1), default=100)
+    parser.add_argument("--workers", type=at_least(0), default=min(4, os.cpu_count() or 1), help="data-loader workers")
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     """Flags of every evaluation command."""
     parser.add_argument("--data", nargs="+", default=["Set5"], help="benchmark names or HR folders")
     parser.add_argument("--data-root", default="datasets", help="holds <Set>/HR/*.png")
     parser.add_argument("--protocol", default="gaussian8", choices=PROTOCOLS)
-    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--scale", type=at_least(2), default=4)
     parser.add_argument("--save-images", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images of each set")
+    parser.add_argument("--limit", type=at_least(1), default=None, help="only the first N images of each set")
 
 def main(argv=None) -> None:
     """`baseline`: the bicubic-upsampling reference row of every method table."""

@@ -660,8 +660,6 @@ def load_sr_for_eval(args, device) -> tuple[nn.Module, str]:
 
 def run_eval(args) -> None:
     """Tab. 1 settings (default) or a common protocol (--settings with no value); bicubic reference row."""
-    if args.tile < 0 or args.tile_overlap < 0:
-        raise common.UserError(f"--tile and --tile-overlap must be >= 0, got {args.tile} and {args.tile_overlap}")
     device = common.pick_device(args.device)
     net, title = load_sr_for_eval(args, device)
     title += f" tile {args.tile}" if args.tile else ""
@@ -807,13 +805,15 @@ def _edges(values):
 def run_refs(args) -> None:
     """`refs`: synthesise reference LR images (72x72) from a Tab. 1 setting or one bin [Sec. 4.1]."""
     cfg = make_config(args.preset, seed=args.seed)
-    img_clean = clean_crops(args.clean_dir, args.n, cfg.lr_size * cfg.scale, cfg.seed + 1)
     gen = torch.Generator().manual_seed(common.eval_seed(f"craft_dist/refs/{cfg.seed}"))
     if args.bin is not None:
-        b = int(np.ravel_multi_index(args.bin, bin_shape((cfg.sigma_edges, cfg.noise_edges, cfg.quality_edges))))
-        params = sample_in_bins(torch.full((args.n,), b), (cfg.sigma_edges, cfg.noise_edges, cfg.quality_edges), gen)
+        shape = bin_shape(edges := (cfg.sigma_edges, cfg.noise_edges, cfg.quality_edges))
+        if not all(0 <= i < n for i, n in zip(args.bin, shape)):
+            raise common.UserError(f"--bin {args.bin} is outside the bin grid {shape} (0-based indices per axis)")
+        params = sample_in_bins(torch.full((args.n,), int(np.ravel_multi_index(args.bin, shape))), edges, gen)
     else:
         params = sample_box(SETTINGS[args.setting], args.n, gen)
+    img_clean = clean_crops(args.clean_dir, args.n, cfg.lr_size * cfg.scale, cfg.seed + 1)
     img_lr = degrade(img_clean, params, cfg.scale, cfg.kernel_size, cfg.gray_noise, gen)
     for i, img in enumerate(img_lr):
         common.save_image(img, Path(args.out_dir) / f"ref{i:04d}.png")
@@ -827,11 +827,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--ref-dir", required=True, help="real (or synthetic) degraded LR images, >= 72x72")
     w.add_argument("--clean-dir", required=True, nargs="+", help="clean HR images Y_w (>= 288x288)")
     w.add_argument("--out", default=f"runs/{SCRIPT}/weights/weights.json", help="also writes <out>.png")
-    w.add_argument("--alpha", type=float, default=None, help="Eq. 4 exponent (paper 25; 0 = uniform)")
+    w.add_argument("--alpha", type=common.at_least(0, float), help="Eq. 4 exponent (paper 25; 0 = uniform)")
     w.add_argument("--phi", default=None, help="alexnet (default), vgg19-2_2, vgg19-5_4, or encoder:CKPT (a kdsr.py "
                    "student or redsr.py checkpoint: its degradation representation, the paper's DASR row)")
     w.add_argument("--phi-weights", default=None, help="torchvision state dict for φ (random AlexNet if absent)")
-    w.add_argument("--n-clean", type=int, default=None, help="number of clean 288x288 crops (paper ~100)")
+    w.add_argument("--n-clean", type=common.at_least(1), default=None, help="clean 288x288 crops (paper ~100)")
     for name in ("sigma", "noise", "quality"):
         w.add_argument(f"--{name}-edges", type=float, nargs="+", default=None)
     r = sub.add_parser("refs", help="synthesise reference LR images from a Tab. 1 setting or a bin")
@@ -839,8 +839,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out-dir", required=True)
     group = r.add_mutually_exclusive_group(required=True)
     group.add_argument("--setting", type=int, choices=sorted(SETTINGS))
-    group.add_argument("--bin", type=int, nargs=3, metavar=("I_SIGMA", "I_L", "I_Q"))
-    r.add_argument("--n", type=int, default=100)
+    group.add_argument("--bin", type=common.at_least(0), nargs=3, metavar=("I_SIGMA", "I_L", "I_Q"))
+    r.add_argument("--n", type=common.at_least(1), default=100)
     t = sub.add_parser("train", help="train the SR network with crafted (or uniform) degradations")
     t.add_argument("--stage", choices=["sr"], default="sr")
     t.add_argument("--data-dir", required=True, nargs="+", help="HR training folders (DIV2K train)")
@@ -848,9 +848,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--weights", default=None, help="weights.json from `weights` (omit = uniform baseline)")
     source.add_argument("--oracle-setting", type=int, choices=sorted(SETTINGS), help="upper bound: train on Tab. 1")
     t.add_argument("--arch", choices=["msrresnet", "rrdb"], default=None)
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--save-every", type=int, default=None)
+    t.add_argument("--steps", type=common.at_least(1), default=None)
+    t.add_argument("--batch-size", type=common.at_least(1), default=None)
+    t.add_argument("--save-every", type=common.at_least(1), default=None)
     t.add_argument("--gray-noise", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--resume", nargs="?", const="last", default=None, help="checkpoint (default <out-dir>/last.pt)")
     common.add_run_args(t)
@@ -859,12 +859,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--official-weights", default=None, help="BasicSR MSRResNet/RRDBNet x4 .pth")
     e.add_argument("--settings", type=int, nargs="*", choices=sorted(SETTINGS), default=[1, 2, 3, 4],
                    help="Tab. 1 settings; give the flag with no value to use --protocol instead")
-    e.add_argument("--tile", type=int, default=0, help="super-resolve LR tiles of N px to bound memory (default 0: "
-                   "whole image). Equal to the whole-image output only where --tile-overlap covers the receptive "
-                   "field (paper MSRResNet 35 LR px, RRDBNet ~350). MSRResNet/RRDBNet estimate no degradation; a "
-                   "degradation estimator that pools globally would see one tile at a time, so its tiled output "
-                   "differs from the whole-image output unless the tile covers the image")
-    e.add_argument("--tile-overlap", type=int, default=16, help="LR px of context around each tile (default 16)")
+    e.add_argument("--tile", type=common.at_least(0), default=0, help="super-resolve LR tiles of N px to bound "
+                   "memory (default 0: whole image). Equal to the whole-image output only where --tile-overlap covers "
+                   "the receptive field (paper MSRResNet 35 LR px, RRDBNet ~350). MSRResNet/RRDBNet estimate no "
+                   "degradation; a degradation estimator that pools globally would see one tile at a time, so its "
+                   "tiled output differs from the whole-image output unless the tile covers the image")
+    e.add_argument("--tile-overlap", type=common.at_least(0), default=16, help="LR px of context (default 16)")
     common.add_eval_args(e)
     common.add_run_args(e)
     for p in (w, r, t):

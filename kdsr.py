@@ -493,8 +493,6 @@ def load_for_inference(args, device) -> tuple[KDSR, Config, str]:
 def evaluate(args) -> list[dict]:
     """Benchmark tables (protocol.md: Gaussian8 [Tab. 1], aniso+noise [Tab. 2]) plus the bicubic reference row."""
     device = common.pick_device(args.device)
-    if args.tile < 0 or args.tile_overlap < 0:
-        raise common.UserError(f"--tile and --tile-overlap must be >= 0, got {args.tile} and {args.tile_overlap}")
     model, cfg, name = load_for_inference(args, device)
     name += f" tile{args.tile}" if args.tile else ""
     out_dir = Path(args.out_dir)
@@ -679,25 +677,25 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--degradation", choices=DEGRADATIONS, help="iso (Tab. 1) or aniso_noise (Tab. 2); default iso")
     tr.add_argument("--size", choices=tuple(SIZES), help="KDSR-M (default) or KDSR-L [Tab. 1]")
     tr.add_argument("--preset", choices=tuple(PRESETS), default="paper")
-    tr.add_argument("--steps", type=int, help="stop at this step (default: the stage's full schedule)")
-    tr.add_argument("--batch-size", type=int, help="override the batch size (per process)")
-    tr.add_argument("--save-every", type=int, help="override the checkpoint period (steps)")
+    tr.add_argument("--steps", type=common.at_least(1), help="stop at this step (default: the stage's full schedule)")
+    tr.add_argument("--batch-size", type=common.at_least(1), help="override the batch size (per process)")
+    tr.add_argument("--save-every", type=common.at_least(1), help="override the checkpoint period (steps)")
     tr.add_argument("--resume", nargs="?", const="", help="checkpoint to resume (no value: <out-dir>/last.pt)")
     common.add_run_args(tr)
     ev = sub.add_parser("eval", help="benchmark a student (protocol.md) with the bicubic reference row")
     _inference_args(ev)
     common.add_run_args(ev)
     common.add_eval_args(ev)
-    ev.add_argument("--tile", type=int, default=0,
+    ev.add_argument("--tile", type=common.at_least(0), default=0,
                     help="super-resolve LR tiles of N px to bound memory (default 0: whole image). KD-IDE_S pools "
                          "globally, so it then estimates D from one tile at a time: the output differs from the "
                          "whole-image output unless the tile covers the LR image")
-    ev.add_argument("--tile-overlap", type=int, default=16, help="LR px of context around each tile (default 16)")
+    ev.add_argument("--tile-overlap", type=common.at_least(0), default=16, help="LR px of context (default 16)")
     em = sub.add_parser("embed", help="PCA scatter of the student IDR under several blur widths [Fig. 6]")
     _inference_args(em)
     common.add_run_args(em)
     common.add_eval_args(em)
-    em.add_argument("--sigmas", type=float, nargs="+", default=[0.6, 1.2, 1.8, 2.4, 3.0, 3.6],
+    em.add_argument("--sigmas", type=common.at_least(0.1, float), nargs="+", default=[0.6, 1.2, 1.8, 2.4, 3.0, 3.6],
                     help="isotropic blur widths of the LR images")
     em.add_argument("--out", help="PNG path (default <out-dir>/embed.png)")
     return parser

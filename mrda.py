@@ -671,8 +671,6 @@ def oracle_sr_fn(model: MRDA, mln: MLN, cfg: Config, data, args, device):
 def evaluate(args) -> list[dict]:
     """Benchmark tables (protocol.md: Gaussian8 [Tab. II], aniso+noise [Tab. III]) plus the bicubic reference row."""
     device = common.pick_device(args.device)
-    if args.tile < 0 or args.tile_overlap < 0:
-        raise common.UserError(f"--tile and --tile-overlap must be >= 0, got {args.tile} and {args.tile_overlap}")
     model, mln, cfg, name = load_for_inference(args, device)
     if model.teacher and args.tile:
         raise common.UserError("--tile is for the student: the teacher (oracle) adapts its MLN on the whole HR image")
@@ -808,12 +806,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data-dir", nargs="+", required=True, help="HR training folder(s), e.g. DIV2K + Flickr2K")
     tr.add_argument("--degradation", choices=DEGRADATIONS, help="iso (Tab. II) or aniso_noise (Tab. III); default iso")
     tr.add_argument("--preset", choices=tuple(PRESETS), default="paper")
-    tr.add_argument("--steps", type=int, help="stop at this step (default: the stage's full schedule)")
-    tr.add_argument("--batch-size", type=int, help="override this stage's batch size (per process)")
-    tr.add_argument("--save-every", type=int, help="override the checkpoint period (steps)")
+    tr.add_argument("--steps", type=common.at_least(1), help="stop at this step (default: the stage's full schedule)")
+    tr.add_argument("--batch-size", type=common.at_least(1), help="override this stage's batch size (per process)")
+    tr.add_argument("--save-every", type=common.at_least(1), help="override the checkpoint period (steps)")
     tr.add_argument("--released-step-sizes", action=argparse.BooleanOptionalAction, default=None,
                     help="adaptation alpha 1e-2 then 5e-3 as the released code (default: 1e-2 for all n steps)")
-    tr.add_argument("--abs-weight", type=float, help="lambda_abs of the student (paper 0.01, released code 0.1)")
+    tr.add_argument("--abs-weight", type=common.at_least(0, float), help="student lambda_abs (paper 0.01, code 0.1)")
     tr.add_argument("--resume", nargs="?", const="", help="checkpoint to resume (no value: <out-dir>/last.pt)")
     common.add_run_args(tr)
     ev = sub.add_parser("eval", help="benchmark a student (blind) or a teacher (oracle: adapts on the HR)")
@@ -822,11 +820,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--official-mln", help="released MLN file, needed with an MRDA_T file")
     common.add_run_args(ev)
     common.add_eval_args(ev)
-    ev.add_argument("--tile", type=int, default=0,
+    ev.add_argument("--tile", type=common.at_least(0), default=0,
                     help="student: super-resolve LR tiles of N px to bound memory (default 0: whole image). DEN_S "
                          "pools globally, so each tile gets its own D: the output differs from the whole-image one "
                          "unless the tile covers the LR image. Not for the teacher (it adapts on the whole HR)")
-    ev.add_argument("--tile-overlap", type=int, default=16, help="LR px of context around each tile (default 16)")
+    ev.add_argument("--tile-overlap", type=common.at_least(0), default=16, help="LR px of context (default 16)")
     return parser
 
 

@@ -172,6 +172,9 @@ def kernel_widths(kernel: torch.Tensor) -> torch.Tensor:
 def make_stand_in_lr(hr_dir, out_dir, lambda1: float, lambda2: float, theta_deg: float, noise: float,
                      scale: int, seed: int) -> list[Path]:
     """Offline stand-in for a real LR domain (spec 5): hidden kernel k*, strided correlation, AWGN, 8 bits."""
+    if min(lambda1, lambda2) <= 0 or noise < 0:
+        raise common.UserError(f"make-lr needs --lambda1, --lambda2 > 0 and --noise >= 0, "
+                               f"got {lambda1}, {lambda2}, {noise}")
     kernel = common.anisotropic_kernels(lambda1, lambda2, math.radians(theta_deg))      # (1, 21, 21)
     generator = torch.Generator().manual_seed(seed)
     written = []
@@ -617,8 +620,6 @@ def load_for_inference(args, device) -> tuple[nn.Module, Config, str]:
 def evaluate(args) -> list[dict]:
     """Paired validation (--data HR --lr-data LR) or the benchmark protocols; method + bicubic rows."""
     device = common.pick_device(args.device)
-    if args.tile < 0 or args.tile_overlap < 0:
-        raise common.UserError(f"--tile and --tile-overlap must be >= 0, got {args.tile} and {args.tile_overlap}")
     model, cfg, name = load_for_inference(args, device)
     name += f" tile{args.tile}" if args.tile else ""
     out_dir = Path(args.out_dir)
@@ -752,16 +753,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--hr-dir", "--data-dir", dest="hr_dir", nargs="+", required=True, help="clean HR folder(s)")
     tr.add_argument("--lr-dir", nargs="+", help="real LR folder(s), unpaired (stages joint and deg)")
     tr.add_argument("--deg-ckpt", help="stage sr: a deg/joint checkpoint whose PDM generates the pairs")
-    tr.add_argument("--steps", type=int)
-    tr.add_argument("--batch-size", type=int)
-    tr.add_argument("--save-every", type=int)
+    tr.add_argument("--steps", type=common.at_least(1))
+    tr.add_argument("--batch-size", type=common.at_least(1))
+    tr.add_argument("--save-every", type=common.at_least(1))
     tr.add_argument("--resume", nargs="?", const="", help="checkpoint to resume (no value: <out-dir>/last.pt)")
     tr.add_argument("--sr-net", choices=SR_NETS)
     tr.add_argument("--noise", dest="use_noise", action=argparse.BooleanOptionalAction, default=None,
                     help="--no-noise removes netN (clean LR domain)")
     tr.add_argument("--fixed-z", action=argparse.BooleanOptionalAction, default=None, help="z_k = z_n = 0 [Tab. 4]")
     tr.add_argument("--spatial-kernel", action=argparse.BooleanOptionalAction, default=None, help="[Eq. 5]")
-    tr.add_argument("--lambda-reg", type=float, help="noise regulariser weight (paper 100)")
+    tr.add_argument("--lambda-reg", type=common.at_least(0, float), help="noise regulariser weight (paper 100)")
     tr.add_argument("--sr-init", help="initialise netSR from official-layout weights (EDSR-PyTorch / BasicSR)")
     common.add_run_args(tr)
     ev = sub.add_parser("eval", help="paired validation data or benchmark protocols, + bicubic row")
@@ -769,16 +770,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--official-weights", help="released SR checkpoint (.pth)")
     ev.add_argument("--sr-net", choices=SR_NETS, default="edsr", help="layout of --official-weights")
     ev.add_argument("--lr-data", help="LR folder matched by name to the single HR folder in --data")
-    ev.add_argument("--tile", type=int, default=0, help="super-resolve LR tiles of N px (default 0: whole image)")
-    ev.add_argument("--tile-overlap", type=int, default=16, help="LR px of context around each tile (default 16)")
+    ev.add_argument("--tile", type=common.at_least(0), default=0, help="LR tiles of N px (default 0: whole image)")
+    ev.add_argument("--tile-overlap", type=common.at_least(0), default=16, help="LR px of context (default 16)")
     common.add_run_args(ev)
     common.add_eval_args(ev)
     sa = sub.add_parser("sample", help="draw LR images and a kernel/noise sheet from a learned PDM")
     sa.add_argument("--ckpt", required=True)
     sa.add_argument("--hr-dir", required=True)
     sa.add_argument("--out", required=True, help="output folder")
-    sa.add_argument("--n-samples", type=int, default=4)
-    sa.add_argument("--limit", type=int, default=4, help="first N HR images")
+    sa.add_argument("--n-samples", type=common.at_least(1), default=4)
+    sa.add_argument("--limit", type=common.at_least(1), default=4, help="first N HR images")
     sa.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sa.add_argument("--seed", type=int, default=None)
     mk = sub.add_parser("make-lr", help="offline stand-in real LR: hidden kernel + noise (spec 5)")
@@ -788,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--lambda2", type=float, default=1.6)
     mk.add_argument("--theta", type=float, default=0.0, help="degrees")
     mk.add_argument("--noise", type=float, default=10.0, help="sigma on 0-255")
-    mk.add_argument("--scale", type=int, default=4)
+    mk.add_argument("--scale", type=common.at_least(1), default=4)
     mk.add_argument("--seed", type=int, default=0)
     return parser
 

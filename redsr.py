@@ -523,8 +523,6 @@ def load_for_inference(args, device) -> tuple[ReDSR, Config]:
 def evaluate(args) -> list[dict]:
     """Benchmark loop of protocol.md (Gaussian8, aniso+noise, bicubic) plus the bicubic reference row."""
     device = common.pick_device(args.device)
-    if args.tile < 0 or args.tile_overlap < 0:
-        raise common.UserError(f"--tile and --tile-overlap must be >= 0, got {args.tile} and {args.tile_overlap}")
     model, cfg = load_for_inference(args, device)
     name = f"ReDSR x{args.scale}" + (f" tile{args.tile}" if args.tile else "")
     out_dir = Path(args.out_dir)
@@ -705,9 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stage", choices=STAGES, default="joint")
     tr.add_argument("--preset", choices=tuple(PRESETS), default="paper")
     tr.add_argument("--data-dir", nargs="+", required=True, help="HR training folder(s), e.g. DIV2K + Flickr2K")
-    tr.add_argument("--steps", type=int, help="override the number of steps")
-    tr.add_argument("--batch-size", type=int, help="override the batch size (items = patch pairs)")
-    tr.add_argument("--save-every", type=int, help="override the checkpoint period")
+    tr.add_argument("--steps", type=common.at_least(1), help="override the number of steps")
+    tr.add_argument("--batch-size", type=common.at_least(1), help="override the batch size (items = patch pairs)")
+    tr.add_argument("--save-every", type=common.at_least(1), help="override the checkpoint period")
     tr.add_argument("--resume", nargs="?", const="", help="checkpoint to resume (no value: <out-dir>/last.pt)")
     tr.add_argument("--degradation", choices=DEGRADATIONS, help="iso (setting 1) or aniso_noise (setting 2)")
     tr.add_argument("--rd", action=argparse.BooleanOptionalAction, default=None, help="re-degradation loss")
@@ -721,16 +719,16 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_args(ev)
     common.add_run_args(ev)
     common.add_eval_args(ev)
-    ev.add_argument("--tile", type=int, default=0,
+    ev.add_argument("--tile", type=common.at_least(0), default=0,
                     help="super-resolve LR tiles of N px to bound memory (default 0: whole image). The encoder E "
                          "pools globally, so it then estimates the degradation from one tile at a time: the output "
                          "differs from the whole-image output unless the tile covers the LR image")
-    ev.add_argument("--tile-overlap", type=int, default=16, help="LR px of context around each tile (default 16)")
+    ev.add_argument("--tile-overlap", type=common.at_least(0), default=16, help="LR px of context (default 16)")
     em = sub.add_parser("embed", help="PCA scatter of representations and prior samples [Fig. 9]")
     _inference_args(em)
     common.add_run_args(em)
     common.add_eval_args(em)
-    em.add_argument("--n-prior", type=int, default=1000, help="samples of the predefined distribution")
+    em.add_argument("--n-prior", type=common.at_least(1), default=1000, help="samples of the predefined distribution")
     em.add_argument("--out", help="PNG path (default <out-dir>/embed.png)")
     return parser
 

@@ -263,6 +263,13 @@ def lr_dir(tiny_hr_dir, tmp_path_factory):
     return out
 
 
+def test_make_lr_rejects_a_degenerate_domain(tiny_hr_dir, tmp_path):
+    for flags in (["--noise", "-5"], ["--lambda1", "0"]):
+        with pytest.raises(SystemExit, match="error: make-lr needs --lambda1, --lambda2 > 0 and --noise >= 0"):
+            pdm_sr.main(["make-lr", "--hr-dir", str(tiny_hr_dir), "--out", str(tmp_path / "lr"), *flags])
+    assert not (tmp_path / "lr").exists()
+
+
 def test_train_sample_eval_end_to_end(tiny_hr_dir, lr_dir, tiny_bench_root, tmp_path):
     run = tmp_path / "joint"
     pdm_sr.main(["train", *SMOKE, "--hr-dir", str(tiny_hr_dir), "--lr-dir", str(lr_dir), "--out-dir", str(run),
