@@ -73,11 +73,11 @@ class Config:
     kernel_size: int = 21                # [Sec. IV-A]
     sigma_min: float = 0.2               # [Sec. IV-A] iso sigma, aniso lambda1/lambda2 ~ U[0.2, 4]
     sigma_max: float = 4.0               # [Sec. IV-A]
-    noise_max: float = 25.0              # [Sec. IV-A] sigma_n ~ U[0, 25] (0-255 scale), aniso_noise only
+    noise_max: float = 25.0              # [Sec. IV-A, official code] sigma_n ~ U[0, 25] (0-255), aniso_noise
     # model
     mln_feats: int = 128                 # [official code] F, MLN width (D'_T has F channels)
-    n_feats: int = 64                    # [Sec. III-E] RDAN width
-    n_blocks: int = 27                   # [official code] RDA blocks
+    n_feats: int = 64                    # [official code] RDAN width
+    n_blocks: int = 27                   # [Sec. III-E] RDA blocks
     den_feats: int = 64                  # [official code] DEN widths 64/128/256, D = 256-d
     # meta-learning and adaptation [Alg. 1, Alg. 2]
     meta_tasks: int = 5                  # [Sec. IV-A] m
@@ -122,8 +122,10 @@ PRESETS = {
               "learning_rate": 1e-3, "save_every": 1000},
 }
 HANDOFF = {"meta": "pretrain_ckpt", "teacher": "meta_ckpt", "student": "teacher_ckpt"}  # stage -> flag
-ARCH = {"pretrain": ("mln_feats", "scale"), "meta": ("mln_feats", "scale"),
-        "teacher": ("mln_feats", "n_feats", "n_blocks", "den_feats", "scale")}  # what a later stage inherits
+ARCH = {"pretrain": ("mln_feats", "scale"), "meta": ("mln_feats", "scale"),  # must equal in the next stage
+        "teacher": ("mln_feats", "n_feats", "n_blocks", "den_feats", "scale", "inner_lr", "inner_steps",
+                    "released_step_sizes")}  # the student's D_T targets need the teacher's adaptation
+INHERITED = ("degradation", "inner_lr", "inner_steps", "released_step_sizes")  # from the hand-off unless given
 
 
 def batch_size(cfg: Config, stage: str) -> int:
@@ -141,7 +143,7 @@ def total_steps(cfg: Config, stage: str) -> int:
 
 def schedule(cfg: Config, stage: str, step: int) -> tuple[float, bool]:
     """(learning rate, estimator-only?) at 1-based `step`; a pure function of the step, so --resume is exact."""
-    iters = cfg.student_iters if stage == "student" else getattr(cfg, f"{stage}_iters")
+    iters = getattr(cfg, f"{stage}_iters")
     epoch = (step - 1) // iters + 1
     if stage != "student":
         # lr = 1e-4 * 0.5^floor(e / E_half), E_half = 125 (pretrain, teacher) or 150 (meta outer beta) [official code]
@@ -164,6 +166,8 @@ def check_config(cfg: Config) -> None:
         raise common.UserError(f"--degradation must be one of {', '.join(DEGRADATIONS)}, got {cfg.degradation!r}")
     if cfg.scale != 4:
         raise common.UserError(f"MRDA is defined for x4 (Sec. IV-A); got scale {cfg.scale}")
+    if cfg.inner_steps < 1:
+        raise common.UserError(f"the MLN adapts in n >= 1 SGD steps [Alg. 2], got inner_steps={cfg.inner_steps}")
     if cfg.meta_batch < 2 or cfg.meta_batch % 2:
         raise common.UserError(f"the meta batch is split into support and query halves: use an even size >= 2, "
                                f"got {cfg.meta_batch}")
@@ -267,7 +271,8 @@ class RDAConv(nn.Module):
         b, c, h, w = x.shape
         k = self.kernel_size
         weight = self.kernel(d).reshape(b * c, 1, k, k)       # channel i of sample b: taps [k^2 i, k^2 (i+1)), row-major
-        # F1 = LReLU(depthwise correlation of F with w_b per sample): one grouped conv, B*C groups [Eq. 8]
+        # F1 = DynamicConv(F; w): depthwise correlation with w_b per sample, one grouped conv, B*C groups [Eq. 8],
+        # then LReLU [official code]
         f1 = F.conv2d(x.reshape(1, b * c, h, w), weight, padding=k // 2, groups=b * c).reshape(b, c, h, w)
         f1 = F.leaky_relu(f1, 0.1)
         # M = Sigmoid(Conv(F)) (B, 1, H, W), broadcast over channels [Eq. 9]
@@ -494,6 +499,7 @@ def fit(cfg: Config, args, stage: str, model: nn.Module, step_fn, resume: Path |
     return last
 
 
+# Copied from kdsr.py:_setup
 def _setup(cfg: Config, args):
     device = common.pick_device(args.device)
     dist = common.ddp_setup(device)
@@ -513,7 +519,7 @@ def load_stage(path, stage: str, cfg: Config) -> dict:
     if bad := [a for a in ARCH[stage] if getattr(saved, a) != getattr(cfg, a)]:
         raise common.UserError(f"{path} has {', '.join(f'{a}={getattr(saved, a)}' for a in bad)} but this stage "
                                f"has {', '.join(f'{a}={getattr(cfg, a)}' for a in bad)}: use the same --preset "
-                               f"as for the {stage} stage")
+                               f"and flags as for the {stage} stage")
     return ckpt
 
 
@@ -531,8 +537,9 @@ def train_pretrain(cfg: Config, args, resume: Path | None) -> Path:
 
     def step_fn(net, img_hr, estimator_only):
         img_lr = degrade_batch(img_hr, cfg, bicubic_only=True)             # (B, 3, P, P)
+        img_bicubic = bicubic_up(img_lr, cfg.scale)          # fp32 outside autocast, as in the later stages
         with common.autocast(device, args.amp):
-            img_sr, _ = net(img_lr, bicubic_up(img_lr, cfg.scale))
+            img_sr, _ = net(img_lr, img_bicubic)
         loss = reconstruction_loss(img_sr, img_hr)
         return loss, {"l_rec": loss.item()}
 
@@ -829,7 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args, resume: Path | None) -> Config:
-    """paper defaults <- --preset <- explicit flags; with --resume the checkpoint's config (+ --steps)."""
+    """paper defaults <- --preset <- the hand-off checkpoint's INHERITED fields <- explicit flags; with --resume
+    the checkpoint's config (+ --steps)."""
     if resume is not None:
         saved = common.load_checkpoint(resume, SCRIPT, (args.stage,))["config"]
         return dataclasses.replace(Config(**saved), steps=args.steps or saved["steps"])
@@ -837,6 +845,9 @@ def config_from_args(args, resume: Path | None) -> Config:
                  "degradation": args.degradation, "seed": args.seed, "abs_weight": args.abs_weight,
                  "released_step_sizes": args.released_step_sizes}
     cfg = dataclasses.replace(Config(), **PRESETS[args.preset])
+    if (handoff := HANDOFF.get(args.stage)) and getattr(args, handoff):     # stage checked later by load_stage
+        saved = common.load_checkpoint(getattr(args, handoff), SCRIPT)["config"]
+        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in INHERITED})
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 

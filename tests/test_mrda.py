@@ -277,6 +277,34 @@ def test_cli_errors_are_one_line(chain, tiny_hr_dir, tmp_path):
         mrda.main([*train, "--stage", "meta", "--pretrain-ckpt", str(chain["pretrain"]), "--batch-size", "3"])
     with pytest.raises(SystemExit, match="^error: give exactly one"):
         mrda.main(["eval", "--device", "cpu"])
+    with pytest.raises(common.UserError, match=r"n >= 1 SGD steps \[Alg. 2\], got inner_steps=0"):
+        mrda.check_config(dataclasses.replace(mrda.Config(), inner_steps=0))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "teacher"])
+def test_bicubic_residual_stays_fp32_under_amp(chain, tiny_hr_dir, tmp_path, monkeypatch, stage):
+    """--amp: the MLN's bicubic residual is made outside autocast in every stage (bf16 keeps ~3 significant digits).
+    CPU stands in for CUDA here: common.autocast is pointed at CPU bf16 autocast."""
+    monkeypatch.setattr(common, "autocast", lambda device, on: torch.autocast("cpu", torch.bfloat16, enabled=on))
+    dtypes, bicubic_up = [], mrda.bicubic_up
+    monkeypatch.setattr(mrda, "bicubic_up", lambda img, s: dtypes.append((out := bicubic_up(img, s)).dtype) or out)
+    handoff = {"pretrain": [], "teacher": ["--meta-ckpt", str(chain["meta"])]}[stage]
+    mrda.main(["train", "--stage", stage, *handoff, "--steps", "1", "--amp", "--out-dir", str(tmp_path),
+               "--data-dir", str(tiny_hr_dir), *SMOKE])
+    assert dtypes and set(dtypes) == {torch.float32}
+
+
+def test_student_adapts_and_degrades_as_its_teacher(chain, tiny_hr_dir, tmp_path):
+    """Degradation and adaptation come from the teacher checkpoint; an explicit conflicting adaptation is an error."""
+    ckpt = load(chain["teacher"])
+    ckpt["config"].update(degradation="aniso_noise", released_step_sizes=True, inner_steps=2)
+    common.save_checkpoint(teacher := tmp_path / "aniso_teacher.pt", ckpt)
+    run = ["train", "--stage", "student", "--teacher-ckpt", str(teacher), "--data-dir", str(tiny_hr_dir), *SMOKE]
+    config = load(mrda.main([*run, "--steps", "1", "--out-dir", str(tmp_path / "s")]))["config"]
+    assert (config["degradation"], config["released_step_sizes"], config["inner_steps"]) == ("aniso_noise", True, 2)
+    with pytest.raises(SystemExit, match="^error: .* has released_step_sizes=True but this stage has "
+                                         "released_step_sizes=False: use the same --preset and flags"):
+        mrda.main([*run, "--steps", "1", "--out-dir", str(tmp_path / "x"), "--no-released-step-sizes"])
 
 
 def test_teacher_loss_goes_down_on_one_image(chain, tmp_path):
