@@ -597,10 +597,8 @@ def map_official_key(key: str, table: dict[str, str]) -> str | None:
     return None
 
 
-def convert_official(state: dict, model: KDSR, estimator_prefix: str) -> dict:
+def convert_official(state: dict, ours: dict, table: dict[str, str]) -> dict:
     """Official tensors under our keys; strict both ways (all consumed, all filled, shapes equal) or UserError."""
-    table = official_key_map(len(model.G.blocks), len(model.E.blocks), estimator_prefix)
-    ours = model.state_dict()
     converted, unknown, mismatched = {}, [], []
     for key, tensor in state.items():
         target = map_official_key(key, table)
@@ -652,7 +650,8 @@ def load_official(path) -> tuple[KDSR, Config]:
     prefix = "E." if teacher else "E_st."
     cfg = _infer_config(state, prefix)
     model = build_model(cfg, teacher=teacher)
-    model.load_state_dict(convert_official(state, model, prefix), strict=True)
+    table = official_key_map(len(model.G.blocks), len(model.E.blocks), prefix)
+    model.load_state_dict(convert_official(state, model.state_dict(), table), strict=True)
     for name, sign in (("sub_mean", -1.0), ("add_mean", 1.0)):  # fixed constants: check, do not learn
         conv = getattr(model.G, name)
         if not (torch.allclose(conv.weight.flatten(1), torch.eye(3), atol=1e-6)

@@ -730,6 +730,7 @@ def map_official_key(key: str, table: dict[str, str]) -> str | None:
     return None
 
 
+# Copied from kdsr.py:convert_official
 def convert_official(state: dict, ours: dict, table: dict[str, str]) -> dict:
     """Official tensors under our keys; strict both ways (all consumed, all filled, shapes equal) or UserError."""
     converted, unknown, mismatched = {}, [], []
