@@ -17,6 +17,7 @@ from PIL import Image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 BENCHMARKS = ("Set5", "Set14", "B100", "Urban100", "Manga109")
 PROTOCOLS = ("gaussian8", "aniso_noise", "bicubic")
+METRICS = {"psnr": "PSNR (Y)", "ssim": "SSIM (Y)", "psnr_rgb": "PSNR RGB", "ssim_rgb": "SSIM RGB"}  # row key: title
 
 class UserError(Exception):
     """Bad input: the scripts print it as one line, `error: <message>`, and exit 2."""
@@ -244,8 +245,9 @@ def summarize(rows: list[dict]) -> list[dict]:
         for key in ((row["set"], row["degradation"]), (row["set"], "mean")):
             groups.setdefault(key, []).append(row)
     order = sorted(groups, key=lambda key: key[1] == "mean")                    # stable: mean rows last
-    return [{"set": s, "degradation": d, "psnr": float(np.mean([r["psnr"] for r in groups[s, d]])),
-             "ssim": float(np.mean([r["ssim"] for r in groups[s, d]])), "n": len(groups[s, d])} for s, d in order]
+    metrics = [k for k in METRICS if k in rows[0]]                            # psnr, ssim (+ RGB, if measured)
+    return [{"set": s, "degradation": d, **{m: float(np.mean([r[m] for r in groups[s, d]])) for m in metrics},
+             "n": len(groups[s, d])} for s, d in order]
 
 def bicubic_sr(scale: int):
     """The reference 'method': MATLAB bicubic upsampling of the LR input."""
@@ -271,42 +273,46 @@ def tiled(sr_fn, scale: int, tile: int, overlap: int = 16):
 
 def report(rows: list[dict], title: str, out_dir=None) -> None:
     """Print summary rows as a table; with `out_dir` append them (method column = title) to results.csv/.md."""
-    print(f"\n{title}\n{'set':<10} {'degradation':<14} {'PSNR':>8} {'SSIM':>7} {'n':>4}")
+    metrics = [k for k in METRICS if k in rows[0]]
+    print(f"\n{title}\n{'set':<10} {'degradation':<14}" + "".join(f" {METRICS[m]:>8}" for m in metrics) + "    n")
     for r in rows:
-        print(f"{r['set']:<10} {r['degradation']:<14} {r['psnr']:8.4f} {r['ssim']:7.4f} {r['n']:>4}")
+        print(f"{r['set']:<10} {r['degradation']:<14}" + "".join(f" {r[m]:8.4f}" for m in metrics) + f" {r['n']:>4}")
     if out_dir is None:
         return
     (out := Path(out_dir)).mkdir(parents=True, exist_ok=True)
     new = not (out / "results.csv").exists()
     with open(out / "results.csv", "a", newline="") as f:
-        writer = csv.DictWriter(f, ["method", "set", "degradation", "psnr", "ssim", "n"], extrasaction="ignore")
+        writer = csv.DictWriter(f, ["method", "set", "degradation", *METRICS, "n"], extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows({"method": title, **r} for r in rows)
     with open(out / "results.md", "a") as f:
-        f.write(f"\n### {title}\n\n| set | degradation | PSNR (Y) | SSIM (Y) | n |\n|---|---|---|---|---|\n")
-        f.writelines(f"| {r['set']} | {r['degradation']} | {r['psnr']:.4f} | {r['ssim']:.4f} | {r['n']} |\n"
+        f.write(f"\n### {title}\n\n| set | degradation | {' | '.join(METRICS[m] for m in metrics)} | n |\n"
+                f"|---|---|{'---|' * len(metrics)}---|\n")
+        f.writelines(f"| {r['set']} | {r['degradation']} | {' | '.join(f'{r[m]:.4f}' for m in metrics)} | {r['n']} |\n"
                      for r in rows)
 
 # ---- Metrics [P §4] ---------------------------------------------------------------------------------------
-def _y_pair(sr: np.ndarray, hr: np.ndarray, shave: int):
-    """Y = 16 + 65.481 R + 128.553 G + 24.966 B of both images (RGB in [0, 1], float64, unrounded), shaved."""
+def _y_pair(sr: np.ndarray, hr: np.ndarray, shave: int, rgb: bool = False):
+    """Y = 16 + 65.481 R + 128.553 G + 24.966 B of both images (RGB in [0, 1], float64, unrounded), shaved;
+    rgb=True: the (H, W, 3) RGB planes on 0-255 instead (the NTIRE convention some papers report)."""
     if sr.shape != hr.shape:
         raise UserError(f"images differ in shape: SR {sr.shape} vs HR {hr.shape}")
-    ys = [16.0 + img.astype(np.float64) / 255.0 @ np.array([65.481, 128.553, 24.966]) for img in (sr, hr)]
+    to_y = lambda img: 16.0 + img / 255.0 @ np.array([65.481, 128.553, 24.966])        # noqa: E731
+    ys = [img.astype(np.float64) if rgb else to_y(img.astype(np.float64)) for img in (sr, hr)]
     return tuple(y[shave:-shave, shave:-shave] if shave > 0 else y for y in ys)
 
-def psnr_y(sr: np.ndarray, hr: np.ndarray, shave: int = 0) -> float:
-    """PSNR = 10 log10(255² / MSE) on Y after shaving `shave` border pixels; inf for identical images."""
-    y_sr, y_hr = _y_pair(sr, hr, shave)
+def psnr_y(sr: np.ndarray, hr: np.ndarray, shave: int = 0, rgb: bool = False) -> float:
+    """PSNR = 10 log10(255² / MSE) on Y (rgb: over R, G, B) after shaving `shave` border pixels; inf if identical."""
+    y_sr, y_hr = _y_pair(sr, hr, shave, rgb)
     mse = np.mean((y_sr - y_hr) ** 2)
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
-def ssim_y(sr: np.ndarray, hr: np.ndarray, shave: int = 0) -> float:
-    """SSIM (Wang et al. 2004) on Y: 11x11 Gaussian window σ = 1.5, valid filtering, mean of the map."""
-    a, b = _y_pair(sr, hr, shave)
+def ssim_y(sr: np.ndarray, hr: np.ndarray, shave: int = 0, rgb: bool = False) -> float:
+    """SSIM (Wang et al. 2004) on Y (rgb: over R, G, B, as BasicSR): 11x11 Gaussian σ = 1.5, valid, map mean."""
+    a, b = _y_pair(sr, hr, shave, rgb)
     taps = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
-    window = np.outer(taps, taps) / taps.sum() ** 2
+    window = (np.outer(taps, taps) / taps.sum() ** 2).reshape(11, 11, *[1] * (a.ndim - 2))  # per channel if RGB
     local_mean = functools.partial(scipy.signal.fftconvolve, in2=window, mode="valid")  # no padding: map 10 px smaller
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     mu_a, mu_b = local_mean(a), local_mean(b)
@@ -417,6 +423,14 @@ def load_checkpoint(path, script: str, stages=None, device="cpu") -> dict:
         raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py")
     if stages is not None and ckpt.get("stage") not in stages:
         raise UserError(f"{path} is a '{ckpt.get('stage')}' checkpoint; expected stage {' or '.join(stages)}")
+    return ckpt
+
+def resumed(path, script: str, stages, steps: int | None) -> dict:
+    """The checkpoint --resume continues, its config's steps replaced by --steps; a UserError if none are left."""
+    ckpt = load_checkpoint(path, script, stages)
+    ckpt["config"]["steps"] = total = steps or ckpt["config"]["steps"]
+    if ckpt["step"] >= total:
+        raise UserError(f"{path} is already at step {ckpt['step']} of {total}: give --steps N > {ckpt['step']}")
     return ckpt
 
 @contextlib.contextmanager

@@ -703,8 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args, resume: Path | None) -> Config:
     """paper defaults <- --size <- --preset <- explicit flags; with --resume the checkpoint's config (+ --steps)."""
     if resume is not None:
-        saved = common.load_checkpoint(resume, SCRIPT, (args.stage,))["config"]
-        return dataclasses.replace(Config(**saved), steps=args.steps or saved["steps"])
+        return Config(**common.resumed(resume, SCRIPT, (args.stage,), args.steps)["config"])
     cfg = dataclasses.replace(Config(), **{**SIZES[args.size or "M"], **PRESETS[args.preset]})
     overrides = {**(SIZES[args.size] if args.size else {}), "steps": args.steps, "batch_size": args.batch_size,
                  "save_every": args.save_every, "degradation": args.degradation, "seed": args.seed}

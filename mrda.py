@@ -840,8 +840,7 @@ def config_from_args(args, resume: Path | None) -> Config:
     """paper defaults <- --preset <- the hand-off checkpoint's INHERITED fields <- explicit flags; with --resume
     the checkpoint's config (+ --steps)."""
     if resume is not None:
-        saved = common.load_checkpoint(resume, SCRIPT, (args.stage,))["config"]
-        return dataclasses.replace(Config(**saved), steps=args.steps or saved["steps"])
+        return Config(**common.resumed(resume, SCRIPT, (args.stage,), args.steps)["config"])
     overrides = {"steps": args.steps, f"{args.stage}_batch": args.batch_size, "save_every": args.save_every,
                  "degradation": args.degradation, "seed": args.seed, "abs_weight": args.abs_weight,
                  "released_step_sizes": args.released_step_sizes}

@@ -754,8 +754,7 @@ def main(argv=None):
             resume = None
             if args.resume is not None:
                 resume = Path(args.resume or Path(args.out_dir) / "last.pt")
-                saved = common.load_checkpoint(resume, SCRIPT, STAGES)["config"]
-                cfg = dataclasses.replace(Config(**saved), steps=args.steps or saved["steps"])
+                cfg = Config(**common.resumed(resume, SCRIPT, STAGES, args.steps)["config"])
             check_config(cfg)
             return train_joint(cfg, args, resume)
         args.out_dir = args.out_dir or f"runs/{SCRIPT}/{args.command}"

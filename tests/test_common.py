@@ -29,8 +29,10 @@ def oracle_recipe():
     return {k: v[..., ::-1].copy() for k, v in dict(a=a, b=b, s=s, t=t).items()}
 
 
-ORACLE_TABLE = [("a", "b", 4, 33.1471134361, 0.9907064602), ("a", "b", 0, 33.1245326179, 0.9909123428),
-                ("s", "t", 4, 39.1466997862, 0.9639819276), ("s", "t", 0, 39.1154078385, 0.9666538706)]
+ORACLE_TABLE = [("a", "b", 4, 33.1471134361, 0.9907064602, 28.2903523947),
+                ("a", "b", 0, 33.1245326179, 0.9909123428, 28.2995192545),
+                ("s", "t", 4, 39.1466997862, 0.9639819276, 34.2414420654),
+                ("s", "t", 0, 39.1154078385, 0.9666538706, 34.2099138874)]
 
 
 def test_oracle_recipe_pixel_sums():
@@ -39,14 +41,23 @@ def test_oracle_recipe_pixel_sums():
         {"a": 880017, "b": 880126, "s": 1668852, "t": 1669503}
 
 
-@pytest.mark.parametrize("first, second, crop, psnr, ssim", ORACLE_TABLE)
-def test_metrics_match_basicsr_oracle(first, second, crop, psnr, ssim):
+@pytest.mark.parametrize("first, second, crop, psnr, ssim, psnr_rgb", ORACLE_TABLE)
+def test_metrics_match_basicsr_oracle(first, second, crop, psnr, ssim, psnr_rgb):
     pairs = oracle_recipe()
     if ORACLE.is_dir():                                       # the stored files equal the recipe
         for name in (first, second):
             assert np.array_equal(np.load(ORACLE / f"pair_{name}_rgb.npy"), pairs[name])
     assert common.psnr_y(pairs[first], pairs[second], crop) == pytest.approx(psnr, abs=1e-6)
     assert common.ssim_y(pairs[first], pairs[second], crop) == pytest.approx(ssim, abs=1e-6)
+    assert common.psnr_y(pairs[first], pairs[second], crop, rgb=True) == pytest.approx(psnr_rgb, abs=1e-6)
+
+
+def test_rgb_ssim_is_the_mean_of_the_channels_ssim():
+    pairs = oracle_recipe()
+    gray = lambda img, c: np.repeat(img[..., c:c + 1], 3, axis=2)                 # noqa: E731  channel c, 3 times
+    per_channel = [common.ssim_y(gray(pairs["s"], c), gray(pairs["t"], c), 4, rgb=True) for c in range(3)]
+    assert len(set(per_channel)) == 3
+    assert common.ssim_y(pairs["s"], pairs["t"], 4, rgb=True) == pytest.approx(np.mean(per_channel), abs=1e-12)
 
 
 def test_identical_images_and_shape_mismatch():
@@ -152,7 +163,7 @@ def test_baseline_cli_prints_table_and_writes_results(bench_root, tmp_path, caps
                  "--out-dir", str(tmp_path), "--limit", "1"])
     out = capsys.readouterr().out
     assert "sigma=1.80" in out and "sigma=3.20" in out and "mean" in out
-    assert (tmp_path / "results.csv").read_text().startswith("method,set,degradation,psnr,ssim,n")
+    assert (tmp_path / "results.csv").read_text().startswith("method,set,degradation,psnr,ssim,psnr_rgb,ssim_rgb,n")
     assert "| Set5 | mean |" in (tmp_path / "results.md").read_text()
 
 
@@ -259,10 +270,15 @@ def test_runlog_and_results_files(tmp_path, capsys):
     rows = [{"set": "Set5", "degradation": "mean", "psnr": 30.0, "ssim": 0.9, "n": 5}]
     common.report(rows, "ours", tmp_path)
     common.report(rows, "bicubic", tmp_path)
-    assert "Set5       mean            30.0000  0.9000    5" in capsys.readouterr().out
+    common.report([{**rows[0], "psnr_rgb": 28.0, "ssim_rgb": 0.8}], "ours rgb", tmp_path)
+    out = capsys.readouterr().out
+    assert "set        degradation    PSNR (Y) SSIM (Y)    n\nSet5       mean            30.0000   0.9000    5" in out
+    assert "PSNR (Y) SSIM (Y) PSNR RGB SSIM RGB    n\nSet5       mean            30.0000   0.9000  28.0000   0.8000" in out
     assert (tmp_path / "results.csv").read_text().splitlines() == [
-        "method,set,degradation,psnr,ssim,n", "ours,Set5,mean,30.0,0.9,5", "bicubic,Set5,mean,30.0,0.9,5"]
-    assert (tmp_path / "results.md").read_text().count("| Set5 | mean | 30.0000 | 0.9000 | 5 |") == 2
+        "method,set,degradation,psnr,ssim,psnr_rgb,ssim_rgb,n", "ours,Set5,mean,30.0,0.9,,,5",
+        "bicubic,Set5,mean,30.0,0.9,,,5", "ours rgb,Set5,mean,30.0,0.9,28.0,0.8,5"]
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("| Set5 | mean | 30.0000 | 0.9000 | 5 |") == 2 and "| Set5 | mean | 30.0000 | 0.9000 | 28.0000 | 0.8000 | 5 |" in md
 
 
 def test_tiled_inference_equals_whole_image():

@@ -285,7 +285,7 @@ def test_weights_train_eval_end_to_end(tmp_path, clean_dir, tiny_hr_dir, tiny_be
              "--settings", "1", "3", "--out-dir", str(ev), "--device", "cpu"])
     md = (ev / "results.md").read_text()
     assert "setting1" in md and "setting3" in md and "### bicubic" in md and "msrresnet step 4" in md
-    assert "RGB PSNR" in capsys.readouterr().out
+    assert "PSNR RGB SSIM RGB" in capsys.readouterr().out
     cd.main(["eval", "--ckpt", str(run / "last.pt"), "--data", "Tiny", "--data-root", str(tiny_bench_root),
              "--settings", "--protocol", "bicubic", "--out-dir", str(tmp_path / "ev2"), "--device", "cpu"])
     assert "| Tiny | bicubic |" in (tmp_path / "ev2" / "results.md").read_text()
@@ -327,12 +327,29 @@ def test_encoder_phi_from_kdsr_and_redsr_checkpoints(tmp_path, clean_dir, tiny_h
 def test_resume_continues_identically(tmp_path, tiny_hr_dir):
     cd.main(train_args(tmp_path / "full", tiny_hr_dir))                          # uniform baseline, 4 steps
     cd.main(train_args(tmp_path / "half", tiny_hr_dir, "--steps", "2"))
-    cd.main(train_args(tmp_path / "half", tiny_hr_dir, "--resume"))
+    cd.main(train_args(tmp_path / "half", tiny_hr_dir, "--resume", "--steps", "4"))
     full, half = last_log(tmp_path / "full"), last_log(tmp_path / "half")
     assert full["step"] == half["step"] == 4 and full["loss"] == half["loss"]
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "half" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_keeps_the_runs_config_and_distribution(tmp_path, tiny_hr_dir):
+    """--resume takes preset, arch and the crafted weights from the checkpoint, not from the (omitted) flags."""
+    (tmp_path / "w.json").write_text(json.dumps({"weights": [0.0, 0.0, 1.0, 0.0], "sigma_edges": [0, 1, 2],
+                                                  "noise_edges": [0, 5, 10], "quality_edges": [30, 90]}))
+    run = train_args(tmp_path / "full", tiny_hr_dir, "--weights", str(tmp_path / "w.json"))
+    cd.main(run)
+    cd.main([*train_args(tmp_path / "half", tiny_hr_dir, "--weights", str(tmp_path / "w.json")), "--steps", "2"])
+    cd.main(["train", "--data-dir", str(tiny_hr_dir), "--out-dir", str(tmp_path / "half"), "--device", "cpu",
+             "--workers", "0", "--log-every", "1", "--resume", "--steps", "4"])  # no --preset, no --weights
+    full, half = (torch.load(tmp_path / r / "last.pt", weights_only=True) for r in ("full", "half"))
+    assert half["step"] == 4 and half["config"] == full["config"] and half["weights"] == [0.0, 0.0, 1.0, 0.0]
+    assert last_log(tmp_path / "full")["loss"] == last_log(tmp_path / "half")["loss"]
+    assert all(torch.equal(full["model"][k], half["model"][k]) for k in full["model"])
+    with pytest.raises(SystemExit, match=r"^error: .*last.pt is already at step 4 of 4: give --steps N > 4$"):
+        cd.main(train_args(tmp_path / "half", tiny_hr_dir, "--resume"))
 
 
 def test_cli_errors(tmp_path, tiny_hr_dir):

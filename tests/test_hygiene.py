@@ -23,9 +23,9 @@ def test_every_script_exists():
 
 
 # common.py: 450 lines for IO, data, protocol, metrics and run utilities, plus the tiled-inference, stop-signal
-# and finite-loss helpers every training loop shares, plus the validated-integer flag type every CLI uses (~70 lines);
-# each script: 900 (DESIGN.md)
-@pytest.mark.parametrize("name, cap", [("common", 520)] + [(s, 900) for s in SCRIPTS])
+# and finite-loss helpers every training loop shares, the validated-number flag type every CLI uses, and the RGB
+# metric columns pdm_sr and craft_dist report (~80 lines); each script: 900 (DESIGN.md)
+@pytest.mark.parametrize("name, cap", [("common", 530)] + [(s, 900) for s in SCRIPTS])
 def test_line_budget(name, cap):
     assert len(source(name).splitlines()) <= cap
 
