@@ -10,9 +10,9 @@ Paper map (paper element -> symbol here)
     Eq. 5  spatially variant kernels (option)           -> KernelModule(spatial=True), blur_downsample_variant
     Eq. 10 n = netN(z_n, y_clean)                       -> NoiseModule (y_clean detached)
     Eq. 11 PDM sampling                                 -> PDM
-    Eq. 12 l_reg = ||n||^2 (mean)                       -> noise_regularizer
-    Eq. 13 l_total = l_adv + lambda l_reg, LSGAN        -> lsgan_generator_loss, lsgan_discriminator_loss, pdm_step
-    Sec. 3.4 joint PDM-SR training                      -> joint_step (PDM, then D, then SR on detached Q8(y))
+    Eq. 12 l_reg = ||n||^2, as a mean (released)        -> noise_regularizer
+    Eq. 13 l_adv + lambda l_reg (LSGAN, as released)    -> lsgan_generator_loss, lsgan_discriminator_loss, pdm_step
+    Sec. 3.4 joint PDM-SR training                      -> train_step (PDM, then D, then SR on detached Q8(y))
     Sec. 4.1 PatchGAN, EDSR-baseline / RRDB backbones   -> Discriminator, EDSR, RRDBNet
     Tab. 4 fixed z_k, z_n ablation                      -> Config.fixed_z (--fixed-z)
     Figs. 6-7 learned kernels and noise                 -> sample (PNG sheet)
@@ -25,8 +25,8 @@ Deviations (each [DEV] is listed in the README):
       released configs use 1x1 convs and the 2020 configs broadcast one noise value per image (issue #15).
     - [DEV] EDSR mean shift frozen (the release trains it by mistake); official weights load its values as stored.
     - [DEV] noise head always zero-initialised; seed honoured; one Config instead of the release's YAMLs.
-    - [DEV] metrics: protocol.md Y-channel PSNR/SSIM (shave = scale) instead of the paper's RGB / shift-searched
-      scorers; netSR starts from random init unless --sr-init (the bicubic-pretrained EDSR is not shipped).
+    - [DEV] metrics: paired data get the paper's RGB PSNR/SSIM (shave = scale) and protocol.md Y; no LPIPS, no
+      shift-searched scorer; netSR starts from random init unless --sr-init (the bicubic EDSR is not shipped).
 
 Usage:
     python pdm_sr.py make-lr --hr-dir photos_B --out real_lr --lambda1 1.6 --lambda2 1.6 --noise 10
@@ -91,7 +91,7 @@ class Config:
     disc_feats: int = 64             # [official code] PatchGAN width
     sr_net: str = "edsr"             # [Sec. 4.1] edsr (EDSR baseline) | rrdb
     sr_feats: int = 64               # [Sec. 4.1] EDSR baseline / RRDB width
-    sr_blocks: int = 16              # [Sec. 4.1] EDSR baseline: 16 res-blocks (RRDB: 23)
+    sr_blocks: int | None = None     # [Sec. 4.1] None: the backbone's own, EDSR baseline 16 / RRDB 23
     rrdb_growth: int = 32            # [official code] RRDB growth channels
     # optimisation
     learning_rate: float = 2e-4      # [Sec. 4.1]
@@ -122,8 +122,8 @@ def check_config(cfg: Config) -> None:
         raise common.UserError(f"--sr-net must be one of {SR_NETS}, got {cfg.sr_net!r}")
     if cfg.noise_conv not in (1, 3):
         raise common.UserError(f"noise_conv must be 1 or 3, got {cfg.noise_conv}")
-    if cfg.batch_size < 2 and not cfg.fixed_z:
-        raise common.UserError("netK's BatchNorm normalises over the batch of z_k: use a batch size >= 2")
+    if cfg.batch_size < 2 and not cfg.spatial_kernel:                     # spatial z_k: BN also pools over h x w
+        raise common.UserError("netK's BatchNorm normalises over the batch of 1x1 z_k: use a batch size >= 2")
 
 
 # ---- 2. Degradation ----------------------------------------------------------------------------------------
@@ -172,14 +172,21 @@ def kernel_widths(kernel: torch.Tensor) -> torch.Tensor:
 def make_stand_in_lr(hr_dir, out_dir, lambda1: float, lambda2: float, theta_deg: float, noise: float,
                      scale: int, seed: int) -> list[Path]:
     """Offline stand-in for a real LR domain (spec 5): hidden kernel k*, strided correlation, AWGN, 8 bits."""
-    if min(lambda1, lambda2) <= 0 or noise < 0:
+    if not (lambda1 > 0 and lambda2 > 0 and noise >= 0 and math.isfinite(theta_deg)):     # `not >`: nan too
         raise common.UserError(f"make-lr needs --lambda1, --lambda2 > 0 and --noise >= 0, "
-                               f"got {lambda1}, {lambda2}, {noise}")
+                               f"got {lambda1}, {lambda2}, {noise} (theta {theta_deg})")
+    files = common.list_images(hr_dir)
+    if Path(out_dir).resolve() in {f.parent.resolve() for f in files} or len({f.stem for f in files}) < len(files):
+        raise common.UserError(f"make-lr writes <stem>.png into {out_dir}: it must not be an HR folder, and the "
+                               f"HR stems must be unique")
     kernel = common.anisotropic_kernels(lambda1, lambda2, math.radians(theta_deg))      # (1, 21, 21)
     generator = torch.Generator().manual_seed(seed)
     written = []
-    for path in common.list_images(hr_dir):
+    for path in files:
         img_hr = torch.from_numpy(common.modcrop(common.load_uint8(path), scale)).permute(2, 0, 1)[None] / 255
+        if min(img_hr.shape[-2:]) <= kernel.shape[-1] // 2:
+            raise common.UserError(f"{path} is {tuple(img_hr.shape[-2:])}: the {kernel.shape[-1]}-tap kernel "
+                                   f"needs >= {kernel.shape[-1] // 2 + 1} px (reflect padding)")
         y = blur_downsample(img_hr.float(), kernel, scale)
         y = common.quantize(common.add_noise(y, noise, generator) if noise > 0 else y)
         common.save_image(y[0], target := Path(out_dir) / f"{path.stem}.png")
@@ -383,9 +390,10 @@ def build_pdm(cfg: Config) -> PDM:
 
 
 def build_sr(cfg: Config) -> nn.Module:
+    blocks = cfg.sr_blocks or {"edsr": 16, "rrdb": 23}[cfg.sr_net]
     if cfg.sr_net == "rrdb":
-        return RRDBNet(cfg.sr_feats, cfg.sr_blocks, cfg.rrdb_growth)
-    return EDSR(cfg.sr_feats, cfg.sr_blocks)
+        return RRDBNet(cfg.sr_feats, blocks, cfg.rrdb_growth)
+    return EDSR(cfg.sr_feats, blocks)
 
 
 # ---- 4. Losses ---------------------------------------------------------------------------------------------
@@ -400,7 +408,7 @@ def lsgan_generator_loss(d_fake: torch.Tensor) -> torch.Tensor:
 
 
 def noise_regularizer(noise: torch.Tensor) -> torch.Tensor:
-    """l_reg = ||n||_2^2 as a mean over all noise elements [Eq. 12, official code]."""
+    """l_reg = ||n||_2^2 [Eq. 12], as released a mean over all noise elements, not the sum [official code]."""
     return noise.float().pow(2).mean()
 
 
@@ -440,7 +448,7 @@ def disc_step(disc, optimizer, img_real, img_fake, cfg: Config, amp: bool, check
 
 def sr_step(sr_net, optimizer, img_fake, img_hr, cfg: Config, amp: bool, check) -> dict:
     """Step 4: L1(SR(Q8(y_fake)), x) with Q8 = clamp + round to 1/255, input detached: no SR gradient ever
-    reaches the PDM [Sec. 3.4]."""
+    reaches the PDM (trained simultaneously [Sec. 3.4]; the detach is [official code])."""
     img_lr = common.quantize(img_fake.detach())  # (B, 3, h, w)
     with common.autocast(img_hr.device, amp):
         img_sr = sr_net(img_lr)
@@ -465,11 +473,12 @@ def train_step(stage: str, nets: dict, opts: dict, img_hr, img_real, cfg: Config
 
 
 def build_training(cfg: Config, stage: str, deg_ckpt, sr_init, device) -> tuple[dict, dict, dict]:
-    """Networks, one Adam + one MultiStepLR per trained network [Sec. 4.1]; stage sr loads a frozen PDM;
+    """Networks, one Adam [Sec. 4.1] + one MultiStepLR [official code, DEV] per network; stage sr: a frozen PDM;
     --sr-init fills netSR from official-layout weights (released configs start from a bicubic EDSR)."""
     nets = {"pdm": build_pdm(cfg).to(device).train()}
     if stage == "sr":
-        nets["pdm"].load_state_dict(common.load_checkpoint(deg_ckpt, SCRIPT, ("deg", "joint"), "cpu")["pdm"])
+        if deg_ckpt is not None:
+            nets["pdm"].load_state_dict(common.load_checkpoint(deg_ckpt, SCRIPT, ("deg", "joint"), "cpu")["pdm"])
         nets["pdm"].requires_grad_(False)
     else:
         nets["disc"] = Discriminator(cfg.disc_feats, DISC_STRIDE[stage]).to(device)
@@ -488,7 +497,7 @@ def build_training(cfg: Config, stage: str, deg_ckpt, sr_init, device) -> tuple[
 
 
 def patch_stream(dirs, patch: int, cfg: Config, seed: int, start: int, args, dist, device, what: str):
-    """Endless (B, 3, P, P) crops with flips/transpose (= flips + rot90) [Sec. 4.1]; exact on --resume."""
+    """Endless (B, 3, P, P) crops with flips/transpose (= flips + rot90) [official code]; exact on --resume."""
     try:
         dataset = common.HRPatches(dirs, patch)
     except common.UserError as err:
@@ -525,9 +534,11 @@ def train(cfg: Config, args, stage: str, resume: Path | None) -> Path:
     device = common.pick_device(args.device)
     dist = common.ddp_setup(device)
     common.seed_everything(cfg.seed + dist.rank)  # each rank draws its own z
-    nets, opts, scheds = build_training(cfg, stage, args.deg_ckpt if stage == "sr" else None,
-                                         args.sr_init, device)
+    nets, opts, scheds = build_training(cfg, stage, args.deg_ckpt if stage == "sr" and not resume else None,
+                                         None if resume else args.sr_init, device)    # resumed: all from last.pt
     start = _restore(resume, stage, nets, opts, scheds, dist, device) if resume else 0
+    if args.channels_last and device.type == "cuda":                     # cuDNN then keeps NHWC activations
+        nets = {k: n.to(memory_format=torch.channels_last) for k, n in nets.items()}
     wrapped = {k: common.wrap_ddp(n, dist) if k in opts else n for k, n in nets.items()}
     hr_batches, hr_loader = patch_stream(args.hr_dir, cfg.hr_patch, cfg, cfg.seed, start, args, dist, device, "HR")
     lr_batches, lr_loader = (patch_stream(args.lr_dir, cfg.lr_patch, cfg, cfg.seed + 1, start, args, dist, device,
@@ -541,28 +552,30 @@ def train(cfg: Config, args, stage: str, resume: Path | None) -> Path:
     def check(loss):
         common.check_finite(common.all_reduce_mean(loss.detach(), dist), step, last_good[0])
 
-    with common.stop_on_signals() as flag:
-        for step in range(start + 1, cfg.steps + 1):
-            scalars = train_step(stage, wrapped, opts, next(hr_batches), next(lr_batches), cfg, args.amp, check)
-            for sched in scheds.values():
-                sched.step()
-            if step % args.log_every == 0 or step == cfg.steps:
-                lr_now = next(iter(opts.values())).param_groups[0]["lr"]
-                log.log(step, stage, loss=scalars.get("l_sr", scalars.get("l_adv", 0.0)), **scalars, lr=lr_now)
-            stop = step < cfg.steps and common.stop_requested(flag, dist, device)
-            if step % cfg.save_every == 0 or step == cfg.steps or stop:
-                rng = common.rng_state(dist)  # collective under DDP: every rank takes part
-                if dist.is_main:
-                    common.save_checkpoint(last, _payload(cfg, stage, step, nets, opts, scheds, rng, args.deg_ckpt))
-                last_good[0] = last
-            if stop and dist.is_main:
-                print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
-            if stop:
-                break
-    for loader in (hr_loader, lr_loader):
-        if loader is not None:
-            loader.close()
-    common.ddp_teardown(dist)
+    try:
+        with common.stop_on_signals() as flag:
+            for step in range(start + 1, cfg.steps + 1):
+                scalars = train_step(stage, wrapped, opts, next(hr_batches), next(lr_batches), cfg, args.amp, check)
+                for sched in scheds.values():
+                    sched.step()
+                if step % args.log_every == 0 or step == cfg.steps:
+                    lr_now = next(iter(opts.values())).param_groups[0]["lr"]
+                    log.log(step, stage, loss=scalars.get("l_sr", scalars.get("l_adv", 0.0)), **scalars, lr=lr_now)
+                stop = step < cfg.steps and common.stop_requested(flag, dist, device)
+                if step % cfg.save_every == 0 or step == cfg.steps or stop:
+                    rng = common.rng_state(dist)  # collective under DDP: every rank takes part
+                    if dist.is_main:
+                        common.save_checkpoint(last, _payload(cfg, stage, step, nets, opts, scheds, rng, args.deg_ckpt))
+                    last_good[0] = last
+                if stop and dist.is_main:
+                    print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
+                if stop:
+                    break
+    finally:                                     # also on an error: a failing rank must not leave its peers waiting
+        for loader in (hr_loader, lr_loader):
+            if loader is not None:
+                loader.close()
+        common.ddp_teardown(dist)
     return last
 
 
@@ -582,7 +595,7 @@ def paired_files(hr_dir, lr_dir, scale: int) -> list[tuple[Path, Path]]:
 
 
 def run_paired(sr_fn, hr_dir, lr_dir, scale: int, device, save_dir=None, limit=None) -> list[dict]:
-    """Y PSNR/SSIM (protocol.md 4, shave = scale) of sr_fn on real paired validation data."""
+    """Y PSNR/SSIM (protocol.md 4) and the paper's RGB PSNR/SSIM [Sec. 4.1], shave = scale, on paired data."""
     rows, set_name = [], Path(hr_dir).name
     for hr_path, lr_path in paired_files(hr_dir, lr_dir, scale)[:limit]:
         img_hr = common.modcrop(common.load_uint8(hr_path), scale)
@@ -593,7 +606,9 @@ def run_paired(sr_fn, hr_dir, lr_dir, scale: int, device, save_dir=None, limit=N
         with torch.no_grad():
             img_sr = common.to_uint8(sr_fn(img_lr))
         rows.append({"set": set_name, "image": hr_path.stem, "degradation": "paired",
-                     "psnr": common.psnr_y(img_sr, img_hr, scale), "ssim": common.ssim_y(img_sr, img_hr, scale)})
+                     "psnr": common.psnr_y(img_sr, img_hr, scale), "ssim": common.ssim_y(img_sr, img_hr, scale),
+                     "psnr_rgb": common.psnr_y(img_sr, img_hr, scale, rgb=True),
+                     "ssim_rgb": common.ssim_y(img_sr, img_hr, scale, rgb=True)})
         if save_dir is not None:
             common.save_image(img_sr, Path(save_dir) / set_name / f"{hr_path.stem}.png")
     return rows
@@ -604,7 +619,7 @@ def load_for_inference(args, device) -> tuple[nn.Module, Config, str]:
     if bool(args.ckpt) == bool(args.official_weights):
         raise common.UserError("give exactly one of --ckpt FILE (from `train`) or --official-weights FILE")
     if args.official_weights:
-        cfg = Config(sr_net=args.sr_net, sr_blocks=23 if args.sr_net == "rrdb" else 16)
+        cfg = Config(sr_net=args.sr_net)
         model = build_sr(cfg)
         model.load_state_dict(convert_official(read_official(args.official_weights), model, args.sr_net))
     else:
@@ -621,6 +636,7 @@ def evaluate(args) -> list[dict]:
     """Paired validation (--data HR --lr-data LR) or the benchmark protocols; method + bicubic rows."""
     device = common.pick_device(args.device)
     model, cfg, name = load_for_inference(args, device)
+    model = model.to(memory_format=torch.channels_last) if args.channels_last and device.type == "cuda" else model
     name += f" tile{args.tile}" if args.tile else ""
     out_dir = Path(args.out_dir)
     save_dir = out_dir / "images" if args.save_images else None
@@ -800,8 +816,6 @@ def config_from_args(args) -> Config:
                  "sr_net": args.sr_net, "use_noise": args.use_noise, "fixed_z": args.fixed_z,
                  "spatial_kernel": args.spatial_kernel, "lambda_reg": args.lambda_reg, "seed": args.seed}
     cfg = dataclasses.replace(Config(), **PRESETS[args.preset])
-    if args.sr_net == "rrdb":
-        cfg.sr_blocks = 23 if args.preset == "paper" else cfg.sr_blocks
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -810,8 +824,8 @@ def prepare_train(args) -> tuple[Config, Path | None]:
     cfg, resume = config_from_args(args), None
     if args.resume is not None:
         resume = Path(args.resume or Path(args.out_dir) / "last.pt")
-        saved = common.load_checkpoint(resume, SCRIPT, (args.stage,))
-        cfg = dataclasses.replace(Config(**saved["config"]), steps=args.steps or saved["config"]["steps"])
+        saved = common.resumed(resume, SCRIPT, (args.stage,), args.steps)
+        cfg = Config(**saved["config"])
         args.deg_ckpt = saved.get("deg_ckpt") or args.deg_ckpt
     elif args.stage == "sr":
         if not args.deg_ckpt:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import common
 import pdm_sr
@@ -51,6 +52,8 @@ def test_parameter_counts_match_spec():
     assert count(edsr) == 1_517_595 and count(edsr, trainable=True) == 1_517_571
     assert not any(p.requires_grad for m in (edsr.sub_mean, edsr.add_mean) for p in m.parameters())
     assert count(pdm_sr.RRDBNet()) == 16_697_987
+    assert count(pdm_sr.build_sr(pdm_sr.Config(sr_net="rrdb"))) == 16_697_987                  # 23 blocks
+    assert count(pdm_sr.build_sr(pdm_sr.Config()), trainable=True) == 1_517_571                # EDSR, 16 blocks
 
 
 def test_shapes_and_initial_kernel():
@@ -217,7 +220,7 @@ def manifest_state(shared, prefix: str, file: str = "pdm_keys.tsv") -> dict:
 def test_converter_loads_manifest_strictly(shared, tmp_path, net, prefix, file, capsys):
     state = {k: v * 0.01 for k, v in manifest_state(shared, prefix, file).items()}
     torch.save({"params": state} if net == "rrdb" else state, tmp_path / "w.pth")
-    model = pdm_sr.build_sr(pdm_sr.Config(sr_net=net, sr_blocks=23 if net == "rrdb" else 16))
+    model = pdm_sr.build_sr(pdm_sr.Config(sr_net=net))             # 16 (EDSR) / 23 (RRDB) blocks by default
     loaded = pdm_sr.convert_official(pdm_sr.read_official(tmp_path / "w.pth"), model, net)
     assert set(loaded) == set(model.state_dict()) == set(state)
     x = torch.rand(1, 3, 6, 6)
@@ -263,11 +266,19 @@ def lr_dir(tiny_hr_dir, tmp_path_factory):
     return out
 
 
-def test_make_lr_rejects_a_degenerate_domain(tiny_hr_dir, tmp_path):
-    for flags in (["--noise", "-5"], ["--lambda1", "0"]):
+def test_make_lr_rejects_a_degenerate_domain_and_never_overwrites_hr(tiny_hr_dir, tmp_path):
+    for flags in (["--noise", "-5"], ["--lambda1", "0"], ["--lambda2", "nan"], ["--noise", "nan"]):
         with pytest.raises(SystemExit, match="error: make-lr needs --lambda1, --lambda2 > 0 and --noise >= 0"):
             pdm_sr.main(["make-lr", "--hr-dir", str(tiny_hr_dir), "--out", str(tmp_path / "lr"), *flags])
     assert not (tmp_path / "lr").exists()
+    before = {p: p.read_bytes() for p in tiny_hr_dir.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match="error: make-lr writes <stem>.png into .*: it must not be an HR folder"):
+        pdm_sr.main(["make-lr", "--hr-dir", str(tiny_hr_dir), "--out", str(tiny_hr_dir)])
+    assert {p: p.read_bytes() for p in tiny_hr_dir.rglob("*") if p.is_file()} == before
+    (small := tmp_path / "small").mkdir()
+    Image.fromarray(np.zeros((10, 40, 3), np.uint8)).save(small / "thin.png")
+    with pytest.raises(SystemExit, match=r"error: .*thin.png is \(8, 40\): the 21-tap kernel needs >= 11 px"):
+        pdm_sr.main(["make-lr", "--hr-dir", str(small), "--out", str(tmp_path / "lr")])
 
 
 def test_train_sample_eval_end_to_end(tiny_hr_dir, lr_dir, tiny_bench_root, tmp_path):
@@ -288,6 +299,8 @@ def test_train_sample_eval_end_to_end(tiny_hr_dir, lr_dir, tiny_bench_root, tmp_
     paired = pdm_sr.main(["eval", "--ckpt", str(run / "last.pt"), "--data", str(tiny_bench_root / "Tiny" / "HR"),
                           "--lr-data", str(val_lr), "--device", "cpu", "--out-dir", str(tmp_path / "ev2")])
     assert paired[-1]["n"] == 2 and "bicubic x4 paired" in (tmp_path / "ev2" / "results.md").read_text()
+    assert paired[-1]["psnr_rgb"] != paired[-1]["psnr"] and 0 < paired[-1]["ssim_rgb"] < 1   # paper: RGB [Sec. 4.1]
+    assert "| PSNR (Y) | SSIM (Y) | PSNR RGB | SSIM RGB | n |" in (tmp_path / "ev2" / "results.md").read_text()
 
 
 def test_two_step_stages_and_switches(tiny_hr_dir, lr_dir, tmp_path):
@@ -302,12 +315,18 @@ def test_two_step_stages_and_switches(tiny_hr_dir, lr_dir, tmp_path):
     assert all(torch.equal(sr["pdm"][k], v) for k, v in deg["pdm"].items() if "running" not in k
                and "num_batches" not in k)  # the PDM stayed frozen
     assert set(sr["optimizer"]) == {"sr"} and sr["config"]["use_noise"] is False
+    (tmp_path / "deg" / "last.pt").rename(tmp_path / "deg" / "moved.pt")   # resume needs only its own last.pt
+    pdm_sr.main(["train", *SMOKE, "--stage", "sr", "--hr-dir", str(tiny_hr_dir), "--out-dir", str(tmp_path / "sr"),
+                 "--steps", "3", "--resume"])
+    resumed = common.load_checkpoint(tmp_path / "sr" / "last.pt", "pdm_sr")
+    assert resumed["step"] == 3 and all(torch.equal(resumed["pdm"][k], v) for k, v in deg["pdm"].items()
+                                        if "running" not in k and "num_batches" not in k)
     with pytest.raises(SystemExit, match="error: stage sr needs --deg-ckpt"):
         pdm_sr.main(["train", *SMOKE, "--stage", "sr", "--hr-dir", str(tiny_hr_dir)])
     with pytest.raises(SystemExit, match="error: stage joint needs --lr-dir"):
         pdm_sr.main(["train", *SMOKE, "--hr-dir", str(tiny_hr_dir)])
     with pytest.raises(SystemExit, match="error: .*'deg' checkpoint"):
-        pdm_sr.main(["eval", "--ckpt", str(tmp_path / "deg" / "last.pt"), "--device", "cpu"])
+        pdm_sr.main(["eval", "--ckpt", str(tmp_path / "deg" / "moved.pt"), "--device", "cpu"])
 
 
 def test_resume_continues_identically(tiny_hr_dir, lr_dir, tmp_path):
@@ -352,6 +371,16 @@ def test_sigterm_stops_after_the_step_and_resume_matches(tiny_hr_dir, lr_dir, tm
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     ra, rb = log_records(tmp_path / "a")[-1], log_records(tmp_path / "b")[-1]
     assert ra["step"] == rb["step"] == 6 and all(ra[k] == rb[k] for k in ("l_adv", "l_reg", "l_d", "l_sr"))
+
+
+def test_batch_of_one_only_with_spatial_kernels(tiny_hr_dir, lr_dir, tmp_path):
+    """netK's BatchNorm needs two 1x1 z_k per batch; with --spatial-kernel it also pools over h x w, so 1 is fine."""
+    run = ["train", *SMOKE, "--hr-dir", str(tiny_hr_dir), "--lr-dir", str(lr_dir), "--steps", "1", "--batch-size", "1"]
+    for extra in ([], ["--fixed-z"]):
+        with pytest.raises(SystemExit, match="^error: netK's BatchNorm normalises over the batch of 1x1 z_k"):
+            pdm_sr.main([*run, "--out-dir", str(tmp_path / "x"), *extra])
+    pdm_sr.main([*run, "--out-dir", str(tmp_path / "s"), "--spatial-kernel"])
+    assert log_records(tmp_path / "s")[-1]["step"] == 1
 
 
 def test_nan_loss_stops_with_a_clear_error(tiny_hr_dir, lr_dir, tmp_path, monkeypatch):
