@@ -422,7 +422,8 @@ def _update(loss: torch.Tensor, module: nn.Module, optimizer, max_norm: float) -
 
 
 def pdm_step(pdm, disc, optimizer, img_hr, cfg: Config, check) -> tuple[torch.Tensor, dict]:
-    """Step 2: l_total = l_adv + lambda l_reg on the PDM; D frozen (requires_grad off) [Eq. 13]."""
+    """Step 2: l_total = l_adv + lambda l_reg on the PDM; D frozen (requires_grad off) [Eq. 13]; float32 also
+    under --amp, the kernel and noise heads are small [ours]."""
     img_fake, _, noise = pdm(img_hr)  # (B, 3, h, w), graph kept for l_adv
     disc_module = common.unwrap(disc)  # no DDP sync: D is not updated by this loss
     disc_module.requires_grad_(False)

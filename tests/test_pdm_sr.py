@@ -244,6 +244,14 @@ def test_netk_key_layout_matches_release(shared):
     pdm_sr.build_pdm(pdm_sr.Config(use_noise=False)).load_state_dict(state, strict=True)
 
 
+def test_discriminator_key_layout_matches_release(shared):
+    """The released PatchGAN (nf 64, 3 layers) loads strictly into Discriminator: names, shapes, 1,845,952 params."""
+    state = manifest_state(shared, "netD@PatchGAN_nf64_nb3/", "pdm_keys_extra.tsv")
+    disc = pdm_sr.Discriminator(stride=1)
+    disc.load_state_dict(state, strict=True)
+    assert sum(v.numel() for v in state.values()) == 1_845_952
+
+
 def test_official_weights_eval_and_errors(shared, tmp_path, tiny_bench_root):
     torch.save(manifest_state(shared, "netSR@EDSR"), tmp_path / "edsr.pth")
     rows = pdm_sr.main(["eval", "--official-weights", str(tmp_path / "edsr.pth"), "--data", "Tiny", "--data-root",
