@@ -210,11 +210,11 @@ def modcrop(img: np.ndarray, scale: int) -> np.ndarray:
     """Crop bottom/right so that H and W are multiples of the scale [P §2]."""
     return img[: img.shape[0] - img.shape[0] % scale, : img.shape[1] - img.shape[1] % scale]
 def benchmark_lr(img_hr: np.ndarray, params: dict, scale: int, key: str, device="cpu") -> torch.Tensor:
-    """Deterministic (1, 3, h, w) test LR from a modcropped uint8 HR; `key` = "{set}/{stem}"."""
-    hr = torch.from_numpy(np.ascontiguousarray(img_hr)).permute(2, 0, 1)[None].float().div(255).to(device)
+    """Deterministic (1, 3, h, w) test LR of a modcropped uint8 HR, key "{set}/{stem}"; made on CPU: any device."""
+    hr = torch.from_numpy(np.ascontiguousarray(img_hr)).permute(2, 0, 1)[None].float().div(255)
     seed = eval_seed(f"{key}/{params['id']}/{params['noise']}")
     generator = torch.Generator().manual_seed(seed) if params["noise"] else None
-    return degrade(hr, params["kernel"], scale, params["noise"] or None, generator)
+    return degrade(hr, params["kernel"], scale, params["noise"] or None, generator).to(device)
 
 def run_benchmark(sr_fn, data, protocol: str, scale: int, root="datasets", device="cpu", save_dir=None,
                   limit=None) -> list[dict]:
