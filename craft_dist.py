@@ -839,7 +839,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=common.at_least(1), default=None)
     t.add_argument("--save-every", type=common.at_least(1), default=None)
     t.add_argument("--gray-noise", action=argparse.BooleanOptionalAction, default=None)
-    t.add_argument("--resume", nargs="?", const="last", default=None, help="checkpoint (default <out-dir>/last.pt)")
+    t.add_argument("--resume", nargs="?", const="last", default=None,
+                   help="continue a run with its own config and distribution (default <out-dir>/last.pt)")
     common.add_run_args(t)
     e = sub.add_parser("eval", help="evaluate on Tab. 1 settings or a common protocol, plus bicubic")
     e.add_argument("--ckpt", default=None)
