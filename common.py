@@ -12,12 +12,14 @@ import numpy as np
 import scipy.signal
 import torch
 import torch.nn.functional as F
+from torch import nn
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 BENCHMARKS = ("Set5", "Set14", "B100", "Urban100", "Manga109")
 PROTOCOLS = ("gaussian8", "aniso_noise", "bicubic")
-METRICS = {"psnr": "PSNR (Y)", "ssim": "SSIM (Y)", "psnr_rgb": "PSNR RGB", "ssim_rgb": "SSIM RGB"}  # row key: title
+METRICS = {"psnr": "PSNR (Y)", "ssim": "SSIM (Y)", "psnr_rgb": "PSNR RGB", "ssim_rgb": "SSIM RGB",  # row key: title
+           "lpips": "LPIPS"}
 
 class UserError(Exception):
     """Bad input: the scripts print it as one line, `error: <message>`, and exit 2."""
@@ -60,28 +62,35 @@ def list_images(dirs) -> list[Path]:
 
 # ---- Training data ----------------------------------------------------------------------------------------
 class HRPatches(torch.utils.data.Dataset):
-    """Random HR patches, h/v-flip and transpose at p = 0.5 [P §5]; crops_per_item = k > 1 gives (k, 3, P, P) crops of
-    one image. Decoded once (threads) into uint8 memory; item i depends on (seed, i) only, not on the workers."""
-    def __init__(self, dirs, patch_size: int, crops_per_item: int = 1):
+    """Random HR patches, h/v-flip and transpose at p = 0.5 [P §5] (`hflip_only`: horizontal flip alone, as Real-ESRGAN
+    loaders do); `pad_small`: an image smaller than the patch is reflect-padded bottom/right (cv2 REFLECT_101) instead
+    of refused. crops_per_item = k > 1 gives (k, 3, P, P) crops of one image. Decoded once (threads) into uint8
+    memory; item i depends on (seed, i) only, not on the workers."""
+    def __init__(self, dirs, patch_size: int, crops_per_item: int = 1, hflip_only=False, pad_small=False):
         self.files = list_images(dirs)
         with ThreadPoolExecutor(8) as pool:                                         # Pillow releases the GIL
             self.images = list(pool.map(load_uint8, self.files))
         for path, img in zip(self.files, self.images):
-            if min(img.shape[:2]) < patch_size:
-                raise UserError(f"{path} is {img.shape[0]}x{img.shape[1]}, smaller than the {patch_size}x"
-                                f"{patch_size} HR training patch: remove it or lower the patch size")
+            if min(img.shape[:2]) < (patch_size // 2 + 1 if pad_small else patch_size):  # reflection needs > half
+                raise UserError(f"{path} is {img.shape[1]}x{img.shape[0]}, smaller than the {patch_size}x"
+                                f"{patch_size} HR training patch{' allows (half, padded)' if pad_small else ''}: "
+                                f"remove it or lower the patch size")
         self.patch_size, self.crops_per_item, self.seed = patch_size, crops_per_item, 0
+        self.hflip_only, self.pad_small = hflip_only, pad_small
     def __len__(self) -> int:
         return len(self.images)
     def __getitem__(self, index: int) -> torch.Tensor:
         rng = np.random.default_rng((self.seed, index))
-        img = self.images[rng.integers(len(self.images))]
+        img, size = self.images[rng.integers(len(self.images))], self.patch_size
+        if self.pad_small and min(img.shape[:2]) < size:
+            pad = ((0, max(size - img.shape[0], 0)), (0, max(size - img.shape[1], 0)), (0, 0))
+            img = np.pad(img, pad, mode="reflect")                                  # numpy reflect = REFLECT_101
         crops = []
         for _ in range(self.crops_per_item):
-            top = rng.integers(img.shape[0] - self.patch_size + 1)
-            left = rng.integers(img.shape[1] - self.patch_size + 1)
-            patch = img[top:top + self.patch_size, left:left + self.patch_size]
+            top, left = rng.integers(img.shape[0] - size + 1), rng.integers(img.shape[1] - size + 1)
+            patch = img[top:top + size, left:left + size]
             hflip, vflip, transpose = rng.random(3) < 0.5
+            vflip, transpose = (False, False) if self.hflip_only else (vflip, transpose)
             patch = patch[::-1 if vflip else 1, ::-1 if hflip else 1]
             patch = patch.transpose(1, 0, 2) if transpose else patch
             crops.append(torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1))
@@ -107,16 +116,23 @@ def infinite_batches(dataset, batch_size: int, device, seed: int = 0, start_step
         yield batch.to(device, non_blocking=True)
 
 # ---- Classic degradation [P §1] ---------------------------------------------------------------------------
+def _grid(pad_to: int, size, *values):
+    """x (column), y (row) offsets of a pad_to² grid, the mask of each centred size² core, values as (B, 1, 1)."""
+    device = next((v.device for v in (size, *values) if torch.is_tensor(v)), None)
+    size, *values = (torch.as_tensor(v, dtype=torch.float64, device=device).reshape(-1, 1, 1) for v in (size, *values))
+    x = torch.arange(pad_to, dtype=torch.float64, device=device) - pad_to // 2    # (pad_to,); y = x[:, None]
+    return x, x[:, None], (x.abs() <= (size - 1) / 2) & (x[:, None].abs() <= (size - 1) / 2), *values
+def family_kernels(kind, size, sigma_x, sigma_y, theta, beta, pad_to: int = 21) -> torch.Tensor:
+    """[BasicSR] Gaussian family (B, pad_to, pad_to) float32: kind 0 Gaussian, 1 generalized, 2 plateau; size² core."""
+    x, y, mask, kind, sx, sy, th, beta = _grid(pad_to, size, kind, sigma_x, sigma_y, theta, beta)
+    # Q = pᵀΣ⁻¹p = u²/σx² + v²/σy²; Gaussian exp(−Q/2), generalized exp(−½ Q^β), plateau 1 / (1 + Q^β)
+    u, v = th.cos() * x + th.sin() * y, -th.sin() * x + th.cos() * y            # R(θ)ᵀp, Σ = R(θ) diag(σx², σy²) R(θ)ᵀ
+    q_beta = ((u / sx) ** 2 + (v / sy) ** 2) ** torch.where(kind == 0, torch.ones_like(beta), beta)  # Gaussian: β = 1
+    k = torch.where(kind == 2, 1 / (1 + q_beta), torch.exp(-0.5 * q_beta)) * mask  # β on Q, not √Q [official code]
+    return (k / k.sum((-2, -1), keepdim=True)).float()                            # Σ = 1 over the core
 def anisotropic_kernels(lambda1, lambda2, theta, size: int = 21) -> torch.Tensor:
     """(B, size, size) kernels k(p) ∝ exp(-½ pᵀ Σ⁻¹ p), Σ = R(θ) diag(λ1², λ2²) R(θ)ᵀ, p = (column, row) [P §1.1]."""
-    l1, l2, th = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float64).reshape(-1)
-                                           for v in (lambda1, lambda2, theta)))
-    r = torch.arange(size, dtype=torch.float64, device=l1.device) - size // 2
-    y, x = torch.meshgrid(r, r, indexing="ij")                                  # y = row, x = column offset
-    cos, sin = th.cos()[:, None, None], th.sin()[:, None, None]
-    u, v = cos * x + sin * y, -sin * x + cos * y                                # Rᵀ p: coordinates on the axes
-    k = torch.exp(-0.5 * (u**2 / l1[:, None, None] ** 2 + v**2 / l2[:, None, None] ** 2))
-    return (k / k.sum(dim=(-2, -1), keepdim=True)).float()
+    return family_kernels(0, size, lambda1, lambda2, theta, 1.0, pad_to=size)
 
 def isotropic_kernels(sigma, size: int = 21) -> torch.Tensor:
     """(B, size, size) kernels k ∝ exp(-(x² + y²) / 2σ²) [P §1.1]."""
@@ -171,6 +187,190 @@ def degrade(img_hr: torch.Tensor, kernels, scale: int, noise=None, generator=Non
     x = blur(img_hr, kernels) if kernels is not None else img_hr
     x = imresize(x, 1 / scale)
     return quantize(x if noise is None else add_noise(x, noise, generator))
+
+# ---- Real-world training degradation: Real-ESRGAN's second order [Real-ESRGAN x4plus, BasicSR] ----------------
+MIN_REALESRGAN_GT = 74  # smallest GT side: after a x0.15 resize the 21-tap blur's reflect padding needs > 10 px
+JPEG_LUMA = ((16, 11, 10, 16, 24, 40, 51, 61), (12, 12, 14, 19, 26, 58, 60, 55), (14, 13, 16, 24, 40, 57, 69, 56),
+             (14, 17, 22, 29, 51, 87, 80, 62), (18, 22, 37, 56, 68, 109, 103, 77), (24, 35, 55, 64, 81, 104, 113, 92),
+             (49, 64, 78, 87, 103, 121, 120, 101), (72, 92, 95, 98, 112, 100, 103, 99))  # JPEG Annex K, row-major
+JPEG_CHROMA_CORNER = ((17, 18, 24, 47), (18, 21, 26, 66), (24, 26, 56, 99), (47, 66, 99, 99))  # rest of T_C: 99
+RGB_TO_YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))  # JFIF, then + 128
+YCBCR_TO_RGB = ((1.0, 0.0, 1.402), (1.0, -0.344136, -0.714136), (1.0, 1.772, 0.0))   # of (Y, Cb − 128, Cr − 128)
+
+@dataclasses.dataclass
+class RealESRGANOptions:
+    """Real-ESRGAN x4plus degradation settings [Real-ESRGAN]; pairs are (stage 1, stage 2) ."""
+    kernel_sizes: tuple = (7, 9, 11, 13, 15, 17, 19, 21)  # uniform; both stages and the final sinc [official code]
+    sinc_prob: tuple = (0.1, 0.1)
+    family_probs: tuple = ((0.45, 0.25, 0.12, 0.03, 0.12, 0.03),) * 2  # iso, aniso, gen. iso/aniso, plateau iso/aniso
+    sigma_range: tuple = ((0.2, 3.0), (0.2, 1.5))
+    beta_range: tuple = (((0.5, 4.0), (1.0, 2.0)),) * 2  # (generalized β_g, plateau β_p) per stage
+    final_sinc_prob: float = 0.8
+    resize_prob: tuple = ((0.2, 0.7, 0.1), (0.3, 0.4, 0.3))  # up, down, keep
+    resize_range: tuple = ((0.15, 1.5), (0.3, 1.2))
+    gaussian_noise_prob: tuple = (0.5, 0.5)  # else Poisson
+    noise_range: tuple = ((1.0, 30.0), (1.0, 25.0))  # Gaussian σ on the 0–255 scale
+    poisson_scale_range: tuple = ((0.05, 3.0), (0.05, 2.5))
+    gray_noise_prob: tuple = (0.4, 0.4)
+    jpeg_range: tuple = ((30.0, 95.0), (30.0, 95.0))
+    second_blur_prob: float = 0.8
+def sinc_kernels(cutoff, size, pad_to: int = 21) -> torch.Tensor:
+    """[BasicSR] circular low-pass (B, pad_to, pad_to) float32 on each sample's size² core, sum 1."""
+    x, y, mask, wc = _grid(pad_to, size, cutoff)
+    r = torch.hypot(x, y)                                   # K = ω_c J1(ω_c r) / (2π r), K(0) = ω_c²/(4π)
+    k = torch.where(r == 0, wc**2 / (4 * math.pi), wc * torch.special.bessel_j1(wc * r) / (2 * math.pi * r)) * mask
+    return (k / k.sum((-2, -1), keepdim=True)).float()
+def _uniform(lo, hi, shape, device) -> torch.Tensor:
+    """float64 U[lo, hi) draws; all randomness here is torch's global RNG on `device` [ours: one stream]."""
+    return lo + (hi - lo) * torch.rand(shape, dtype=torch.float64, device=device)
+def random_kernels(batch: int, stage: int, opts: RealESRGANOptions, device) -> torch.Tensor:
+    """[BasicSR] stage-1/2 blur kernels (B, 21, 21): sinc with p sinc_prob, else a random Gaussian-family kernel."""
+    s, sizes = stage - 1, torch.tensor(opts.kernel_sizes, device=device)
+    size = sizes[torch.randint(len(sizes), (batch,), device=device)]
+    low = math.pi / 5 + (size < 13).double() * (math.pi / 3 - math.pi / 5)      # ω_c ~ U[π/3 (k < 13) or π/5, π]
+    cutoff = low + (math.pi - low) * torch.rand(batch, dtype=torch.float64, device=device)
+    cdf = torch.tensor(opts.family_probs[s], dtype=torch.float64, device=device).cumsum(0)
+    family = torch.searchsorted(cdf, _uniform(0, cdf[-1], batch, device), right=True).clamp(max=5)
+    aniso, plateau = family % 2 == 1, (family >= 4).double()  # f: iso, aniso, gen. ×2, plateau ×2
+    sigma_x, sigma_y = _uniform(*opts.sigma_range[s], (2, batch), device)
+    theta = _uniform(-math.pi, math.pi, batch, device) * aniso                    # isotropic: θ = 0, σy = σx
+    # β: p 0.5 U[β_lo, 1] else U[1, β_hi]; generalized β_g ∈ [0.5, 4], plateau β_p ∈ [1, 2] (p 0.5: β = 1)
+    lo, hi = (g + plateau * (p - g) for g, p in zip(*opts.beta_range[s]))
+    coin, u = torch.rand(2, batch, dtype=torch.float64, device=device)
+    beta = torch.where(coin < 0.5, lo + (1 - lo) * u, 1 + (hi - 1) * u)
+    kernels = family_kernels(family // 2, size, sigma_x, torch.where(aniso, sigma_y, sigma_x), theta, beta)
+    return torch.where((torch.rand(batch, device=device) < opts.sinc_prob[s])[:, None, None],
+                       sinc_kernels(cutoff, size), kernels)
+def random_sinc(batch: int, opts: RealESRGANOptions, device) -> torch.Tensor:
+    """[BasicSR] final sinc (B, 21, 21): p final_sinc_prob k ∈ {7…21}, ω_c ~ U[π/3, π]; else a 21×21 delta."""
+    sizes, use = torch.tensor(opts.kernel_sizes, device=device), torch.rand(batch, device=device) < opts.final_sinc_prob
+    size = torch.where(use, sizes[torch.randint(len(sizes), (batch,), device=device)], 1)  # 1×1 core = delta [ours]
+    return sinc_kernels(_uniform(math.pi / 3, math.pi, batch, device), size)
+
+def _column(value, img: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-sample (B,) value as a (B, 1, 1, 1) tensor of the image's dtype and device."""
+    return torch.as_tensor(value, device=img.device).to(img.dtype).reshape(-1, 1, 1, 1)
+def add_gaussian_noise(img: torch.Tensor, sigma255, gray) -> torch.Tensor:
+    """[BasicSR] img + σ/255·n per sample, n colour (per channel) or gray (one field for the 3 channels); unclipped."""
+    gray_field = torch.randn(img.shape[-2:], dtype=img.dtype, device=img.device)  # one for the batch [official code]
+    return img + _column(sigma255, img) * torch.where(_column(gray, img) > 0, gray_field, torch.randn_like(img)) / 255
+def poisson_levels(x8: torch.Tensor) -> torch.Tensor:
+    """(B,) v = 2^ceil(log2(number of distinct 8-bit levels)) of each sample of an image on the 1/255 grid."""
+    levels = (x8 * 255).round().long().flatten(1)                       # (B, C·H·W) in 0…255, counted by a histogram
+    count = (levels.new_zeros(len(levels), 256).scatter_add_(1, levels, torch.ones_like(levels)) > 0).sum(1)
+    return 2 ** torch.ceil(torch.log2(count.double()))
+def add_poisson_noise(img: torch.Tensor, scale, gray) -> torch.Tensor:
+    """[BasicSR] img + scale·(Poisson(x₈·v)/v − x₈), colour or gray (luma, expanded to 3 channels); unclipped."""
+    # luma = 0.2989 R + 0.587 G + 0.114 B (torchvision rgb_to_grayscale) [official code]
+    luma, noise = 0.2989 * img[:, 0:1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:3], []
+    for x in (luma, img):                                                         # each with its own v
+        x8 = quantize(x)                                                          # clamp(round(255x), 0, 255)/255
+        v = poisson_levels(x8).to(img.dtype).reshape(-1, 1, 1, 1)
+        noise.append(torch.poisson(x8 * v) / v - x8)
+    return img + _column(scale, img) * torch.where(_column(gray, img) > 0, noise[0], noise[1])  # to unrounded img
+def jpeg_factor(quality) -> torch.Tensor:
+    """[BasicSR DiffJPEG] table scale 50/q if q < 50 else 2 − q/50 (float q; tables neither rounded nor clipped)."""
+    return torch.where((q := torch.as_tensor(quality)) < 50, 50 / q, 2 - q / 50)
+def _jpeg_blocks(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """[BasicSR DiffJPEG] steps 5–6 on every 8×8 block of (B, C, H, W) levels: DCT, round(F / T)·T, inverse DCT."""
+    n = torch.arange(8, dtype=torch.float64, device=x.device)
+    cos = torch.cos((2 * n + 1) * n[:, None] * math.pi / 16).to(x)                # C[u, x] = cos((2x + 1)uπ/16)
+    # S = ¼ α(u)α(v), α(0) = 1/√2, else 1; S[0, 0] = ⅛ exactly, so .5 ties of the DC round as the reference's
+    s = (0.25 / ((1 + (n[:, None] == 0).double()) * (1 + (n == 0).double())).sqrt()).to(x)
+    blocks = x.unflatten(3, (-1, 8)).unflatten(2, (-1, 8)).transpose(3, 4) - 128  # (B, C, H/8, W/8, 8, 8)
+    # F = ¼ α(u)α(v) Σ f cos cos = S ⊙ (C f Cᵀ); F' = round(F / T)·T (half to even); f' = Cᵀ(S ⊙ F')C + 128
+    coef = torch.round(s * (cos @ blocks @ cos.T) / table) * table
+    return (cos.T @ (s * coef) @ cos + 128).transpose(3, 4).reshape(x.shape)
+def jpeg(img: torch.Tensor, quality) -> torch.Tensor:
+    """[BasicSR] DiffJPEG, non-differentiable (true rounding): (B, 3, H, W) in [0, 1], float quality per sample."""
+    h, w, as_img = *img.shape[-2:], lambda t: torch.tensor(t, dtype=img.dtype, device=img.device)
+    factor = jpeg_factor(_column(quality, img))[..., None, None]                  # (B, 1, 1, 1, 1, 1)
+    shift = as_img((0.0, 128.0, 128.0))[:, None, None]
+    # zero-pad bottom/right to multiples of 16 (affects border blocks), ×255, RGB → YCbCr
+    ycc = torch.einsum("ij,bjhw->bihw", as_img(RGB_TO_YCBCR), F.pad(img, (0, -w % 16, 0, -h % 16)) * 255) + shift
+    # T_Y = transpose of the Annex-K table (BasicSR's stored y_table) [official code]; 4:2:0 by 2×2 mean
+    y = _jpeg_blocks(ycc[:, :1], as_img(JPEG_LUMA).T * factor)
+    c = _jpeg_blocks(F.avg_pool2d(ycc[:, 1:], 2), F.pad(as_img(JPEG_CHROMA_CORNER), (0, 4, 0, 4), value=99) * factor)
+    ycc = torch.cat([y, c.repeat_interleave(2, -2).repeat_interleave(2, -1)], 1)  # chroma 2×2 replication
+    rgb = torch.einsum("ij,bjhw->bihw", as_img(YCBCR_TO_RGB), ycc - shift)
+    return (rgb.clamp(0, 255) / 255)[..., :h, :w]
+def usm_kernel(device=None) -> torch.Tensor:
+    """(51, 51) outer product of OpenCV getGaussianKernel(51, 0): σ = 0.3·((51 − 1)/2 − 1) + 0.8 = 8."""
+    taps = torch.exp(-((torch.arange(51, dtype=torch.float64, device=device) - 25) ** 2) / (2 * 8.0**2))
+    return torch.outer(taps, taps).div(taps.sum() ** 2).float()
+def usm_sharp(img: torch.Tensor, weight: float = 0.5, threshold: float = 10) -> torch.Tensor:
+    """[BasicSR] USM: r = I − G∗I, soft = G∗1[|r|·255 > t]; out = soft·clip(I + w·r, 0, 1) + (1 − soft)·I."""
+    kernel = usm_kernel(img.device).to(img.dtype)
+    residual = img - blur(img, kernel)
+    soft = blur((residual.abs() * 255 > threshold).to(img.dtype), kernel)
+    return soft * (img + weight * residual).clamp(0, 1) + (1 - soft) * img
+
+def sample_realesrgan(batch: int, opts: RealESRGANOptions, device) -> dict:
+    """Pipeline steps 1–8: every random choice; per batch as Python values, per sample as (B,) / (B, 21, 21) tensors."""
+    u = iter(torch.rand(11, dtype=torch.float64, device=device).tolist())        # per-batch uniforms, one sync
+    mode = lambda: ("area", "bilinear", "bicubic")[min(int(3 * next(u)), 2)]
+    params = dict(sinc=random_sinc(batch, opts, device))
+    for n, s in ((1, 0), (2, 1)):                                                 # stage n, option index s
+        (lo, hi), (up, down, _), d, v = opts.resize_range[s], opts.resize_prob[s], next(u), next(u)
+        scale = 1 + (hi - 1) * v if d < up else lo + (1 - lo) * v if d < up + down else 1.0  # U(1, hi), U(lo, 1), 1
+        gaussian = next(u) < opts.gaussian_noise_prob[s]                          # else Poisson
+        level = _uniform(*(opts.noise_range if gaussian else opts.poisson_scale_range)[s], batch, device)
+        params |= {f"kernel{n}": random_kernels(batch, n, opts, device), f"scale{n}": scale, f"mode{n}": mode(),
+                   f"noise{n}_gaussian": gaussian, f"noise{n}_level": level,
+                   f"noise{n}_gray": torch.rand(batch, device=device) < opts.gray_noise_prob[s],
+                   f"jpeg{n}": _uniform(*opts.jpeg_range[s], batch, device)}
+    return params | dict(second_blur=next(u) < opts.second_blur_prob, sinc_first=next(u) < 0.5, final_mode=mode())
+def _noise(x: torch.Tensor, params: dict, n: int) -> torch.Tensor:
+    """Pipeline steps 3/7: Gaussian or Poisson noise (type per batch), then clip to [0, 1], no rounding."""
+    add = add_gaussian_noise if params[f"noise{n}_gaussian"] else add_poisson_noise
+    return add(x, params[f"noise{n}_level"], params[f"noise{n}_gray"]).clamp(0, 1)
+def apply_realesrgan(img_gt: torch.Tensor, params: dict, scale: int = 4) -> torch.Tensor:
+    """Pipeline steps 1–9 with a fixed draw (tensors of batch 1 or B): (B, 3, H0, W0) GT → (B, 3, H0/s, W0/s) LR."""
+    p, (h0, w0) = params, img_gt.shape[-2:]
+    x = F.interpolate(blur(img_gt, p["kernel1"]), scale_factor=p["scale1"], mode=p["mode1"])  # 1–2: blur, resize
+    x = jpeg(_noise(x, p, 1).clamp(0, 1), p["jpeg1"])                             # 3–4: noise, clip; clamp → JPEG
+    x = blur(x, p["kernel2"]) if p["second_blur"] else x                          # 5: blur 2 (coin per batch)
+    x = F.interpolate(x, size=(int(h0 / scale * p["scale2"]), int(w0 / scale * p["scale2"])), mode=p["mode2"])  # 6
+    x = _noise(x, p, 2)                                                           # 7: noise, clip
+    # 8: A = [resize to (H0/s, W0/s) → sinc] then [clamp → JPEG]; B = [clamp → JPEG] then [resize → sinc]
+    final = lambda t: blur(F.interpolate(t, size=(h0 // scale, w0 // scale), mode=p["final_mode"]), p["sinc"])
+    x = jpeg(final(x).clamp(0, 1), p["jpeg2"]) if p["sinc_first"] else final(jpeg(x.clamp(0, 1), p["jpeg2"]))
+    return quantize(x)                                                            # 9: clamp(round(255x), 0, 255)/255
+def realesrgan_degrade(img_gt: torch.Tensor, opts: RealESRGANOptions, scale: int = 4) -> torch.Tensor:
+    """Pipeline steps 1–9 with a fresh draw for this batch."""
+    return apply_realesrgan(img_gt, sample_realesrgan(img_gt.shape[0], opts, img_gt.device), scale)
+def paired_random_crop(img_lr: torch.Tensor, img_hr: torch.Tensor, lr_size: int, scale: int):
+    """Pipeline step 10: one random (top, left) for the whole batch [official code]; HR at scale× the LR offsets."""
+    top, left = (int(torch.randint(n - lr_size + 1, (), device=img_lr.device)) for n in img_lr.shape[-2:])
+    return (img_lr[..., top:top + lr_size, left:left + lr_size],
+            img_hr[..., scale * top:scale * (top + lr_size), scale * left:scale * (left + lr_size)])
+
+class TrainingPairPool:
+    """[Real-ESRGAN] pool of `size` (LR, GT) pairs mixing per-batch draws across batches; uint8 (exact on 1/255)."""
+    def __init__(self, size: int = 180):
+        self.size, self.filled, self.lr, self.hr = size, 0, *[torch.empty(0, dtype=torch.uint8)] * 2  # sized later
+    def __call__(self, img_lr: torch.Tensor, img_hr: torch.Tensor):
+        """Filling: store the batch (what fits [ours]) and return it; full: swap it for b random pooled pairs."""
+        b, to8 = img_lr.shape[0], lambda x: x.mul(255).round().to(torch.uint8)
+        if not self.lr.numel():
+            self.lr, self.hr = (torch.empty(self.size, *x.shape[1:], dtype=torch.uint8) for x in (img_lr, img_hr))
+        self.lr, self.hr = self.lr.to(img_lr.device), self.hr.to(img_lr.device)   # no-op once there
+        if self.filled < self.size:
+            n, i = min(b, self.size - self.filled), self.filled
+            self.lr[i:i + n], self.hr[i:i + n], self.filled = to8(img_lr[:n]), to8(img_hr[:n]), i + n
+            return img_lr, img_hr
+        perm = torch.randperm(self.size, device=img_lr.device)                # full: permute, hand out the first b
+        self.lr, self.hr = self.lr[perm], self.hr[perm]
+        out = self.lr[:b].to(img_lr.dtype) / 255, self.hr[:b].to(img_hr.dtype) / 255
+        self.lr[:b], self.hr[:b] = to8(img_lr), to8(img_hr)
+        return out
+    def state_dict(self) -> dict:
+        """Pool contents (CPU uint8) and fill level, for an exact resume."""
+        return {"size": self.size, "filled": self.filled, "lr": self.lr.cpu(), "hr": self.hr.cpu()}
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict() onto the pool's device (its batches' device; CPU until the first batch)."""
+        self.size, self.filled = state["size"], state["filled"]
+        self.lr, self.hr = state["lr"].to(self.lr.device), state["hr"].to(self.lr.device)
 
 # ---- Benchmark protocols [P §2–3] -------------------------------------------------------------------------
 GAUSSIAN8 = {2: (0.8, 1.6), 3: (1.35, 2.4), 4: (1.8, 3.2)}
@@ -280,11 +480,15 @@ def report(rows: list[dict], title: str, out_dir=None) -> None:
     if out_dir is None:
         return
     (out := Path(out_dir)).mkdir(parents=True, exist_ok=True)
-    new = not (out / "results.csv").exists()
-    with open(out / "results.csv", "a", newline="") as f:
-        writer = csv.DictWriter(f, ["method", "set", "degradation", *METRICS, "n"], extrasaction="ignore")
-        if new:
+    fields, kept = ["method", "set", "degradation", *METRICS, "n"], []
+    if (out / "results.csv").exists():                          # a file from before a column was added is rewritten
+        with open(out / "results.csv", newline="") as f:
+            kept = None if (reader := csv.DictReader(f)).fieldnames == fields else list(reader)
+    with open(out / "results.csv", "a" if kept is None else "w", newline="") as f:
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
+        if kept is not None:
             writer.writeheader()
+            writer.writerows(kept)
         writer.writerows({"method": title, **r} for r in rows)
     with open(out / "results.md", "a") as f:
         f.write(f"\n### {title}\n\n| set | degradation | {' | '.join(METRICS[m] for m in metrics)} | n |\n"
@@ -320,6 +524,150 @@ def ssim_y(sr: np.ndarray, hr: np.ndarray, shave: int = 0, rgb: bool = False) ->
     cov = local_mean(a * b) - mu_a * mu_b
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return float(ssim_map.mean())
+
+# ---- Real-world evaluation: LPIPS [LPIPS v0.1], paired LR/HR folders ---------------------------------------
+TRUNK_FILES = "torchvision alexnet-owt-7be5be79.pth or vgg16-397923af.pth"
+VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+LPIPS_TRUNKS = {  # torchvision `features` ((C_out, k, stride, pad): conv + ReLU; int k: max-pool k/2), slice ends after
+    # relu1..5, their channels, the smallest input side, the weight sums of the released v0.1 lin files
+    "alex": ([(64, 11, 4, 2), 3, (192, 5, 1, 2), 3, (384, 3, 1, 1), (256, 3, 1, 1), (256, 3, 1, 1)], (2, 5, 8, 10, 12),
+             (64, 192, 384, 256, 256), 31, (2.349532, 16.143028, 39.268440, 27.197178, 20.317177)),
+    "vgg": ([2 if c == "M" else (c, 3, 1, 1) for c in VGG16], (4, 9, 16, 23, 30), (64, 128, 256, 512, 512), 16,
+            (6.925992, 8.858335, 17.515005, 51.521324, 47.034851))}
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 distance of RGB images in [0, 1], (B, 3, H, W) twice -> (B,); trunk 'alex' or 'vgg'. Frozen."""
+    def __init__(self, trunk: str = "alex"):
+        super().__init__()
+        spec, self.cuts, channels, self.min_side, self.lin_sums = LPIPS_TRUNKS[trunk]
+        layers, c_in, self.trunk = [], 3, trunk
+        for item in spec:                                                     # layer i = torchvision's features.{i}
+            layers += [nn.MaxPool2d(item, 2)] if isinstance(item, int) else [nn.Conv2d(c_in, *item), nn.ReLU()]
+            c_in = c_in if isinstance(item, int) else item[0]
+        self.features = nn.Sequential(*layers)
+        # lin_l: 1x1 conv C_l -> 1, no bias (the release's Dropout before it is inactive in eval) [LPIPS v0.1]
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in channels)
+        # ScalingLayer: (x - shift) / scale, the ImageNet mean/std mapped to [-1, 1] [LPIPS v0.1]
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False).eval()
+    def forward(self, img0: torch.Tensor, img1: torch.Tensor) -> torch.Tensor:
+        if img0.shape != img1.shape or img0.dim() != 4 or img0.shape[1] != 3 or min(img0.shape[-2:]) < self.min_side:
+            raise UserError(f"LPIPS ({self.trunk}) compares two RGB images of one shape, sides >= {self.min_side} px; "
+                            f"got {tuple(img0.shape)} and {tuple(img1.shape)}")
+        # x in [0, 1] -> 2x - 1 -> (x - shift) / scale [LPIPS v0.1]; both images in one batch: (2B, 3, H, W)
+        h, start, dist = ((torch.cat([img0, img1]).float() * 2 - 1) - self.shift) / self.scale, 0, 0
+        for lin, end in zip(self.lins, self.cuts):
+            h, start = self.features[start:end](h), end                         # relu_l maps (2B, C_l, H_l, W_l)
+            # f^ = f / (sqrt(sum_c f^2) + 1e-10) per pixel; LPIPS = sum_l mean_hw lin_l((f^_0 - f^_1)^2) [LPIPS v0.1]
+            f0, f1 = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)
+            dist = dist + lin((f0 - f1) ** 2).mean((1, 2, 3))
+        return dist
+
+def load_lpips(trunk_path, lin_path, verify: bool = True, device="cpu") -> LPIPS:
+    """LPIPS from a torchvision AlexNet/VGG16 state dict (features.*; classifier.* ignored) + v0.1 lin file, strict."""
+    state = read_weights(trunk_path, TRUNK_FILES)
+    alex = getattr(state.get("features.0.weight"), "shape", None) == (64, 3, 11, 11)      # VGG16's is 64x3x3x3
+    model, names = LPIPS("alex" if alex else "vgg"), [f"lin{i}.model.1.weight" for i in range(5)]
+    features = strict_state({k: v for k, v in state.items() if k.startswith("features.")},
+                            model.features.state_dict(prefix="features."), trunk_path,
+                            f"{TRUNK_FILES} (read as {model.trunk} by features.0.weight)")
+    expected = f"the LPIPS v0.1 lin file of the {model.trunk} trunk in {trunk_path} ({model.trunk}.pth)"
+    ours = dict(zip(names, model.lins.state_dict().values()))
+    lin = strict_state(read_weights(lin_path, expected), ours, lin_path, expected)
+    if verify and any(abs(lin[k].double().sum() - ref) > 1e-4 for k, ref in zip(names, model.lin_sums)):
+        raise UserError(f"{lin_path} is not the released LPIPS v0.1 {model.trunk} lin file (its weight sums differ); "
+                        f"--lpips-unverified accepts it anyway")
+    model.load_state_dict({**features, **{f"lins.{i}.weight": lin[k] for i, k in enumerate(names)}})
+    return model.to(device)
+
+def paired_files(lr_dir, hr_dir, scale: int) -> list[tuple[Path, Path]]:
+    """(LR, HR) pairs matched by stem: the same (NTIRE2020 Track1, AIM2019), LR NAMEx4[m|d|w] for HR NAME (DIV2K),
+    NAME_LR4 for NAME_HR (RealSR; lr_dir == hr_dir allowed: HR = the *_HR). Every LR needs an HR and vice versa."""
+    same, hr_files = Path(lr_dir).resolve() == Path(hr_dir).resolve(), list_images(hr_dir)
+    lr_files = [p for p in hr_files if not p.stem.endswith("_HR")] if same else list_images(lr_dir)
+    hr_by_stem = {p.stem: p for p in hr_files if not same or p.stem.endswith("_HR")}
+    ends = [("", "")] + [(f"x{scale}{c}", "") for c in ("", "m", "d", "w")] + [(f"_LR{scale}", "_HR")]
+    match = {lr: next((s for end, hr_end in ends if lr.stem.endswith(end)
+                       if (s := lr.stem.removesuffix(end) + hr_end) in hr_by_stem), None) for lr in lr_files}
+    unmatched = [lr.name for lr, s in match.items() if s is None]
+    unmatched += [p.name for s, p in hr_by_stem.items() if s not in set(match.values())]
+    if unmatched:
+        raise UserError(f"{len(unmatched)} unpaired image(s) in {lr_dir} / {hr_dir}: {', '.join(unmatched[:5])}; "
+                        f"names: same stem (NTIRE2020 Track1, AIM2019), LR NAMEx{scale}[m|d|w] for HR NAME (DIV2K), "
+                        f"NAME_LR{scale} for NAME_HR (RealSR, one folder allowed)")
+    return [(lr, hr_by_stem[s]) for lr, s in match.items()]
+
+def check_pair_sizes(pairs, scale: int) -> None:
+    """Before any decoding: HR = scale x LR per side (+ < scale px, which modcrop removes), sizes from the headers."""
+    for lr, hr in pairs:
+        try:
+            with Image.open(lr) as im_lr, Image.open(hr) as im_hr:
+                (w, h), (hr_w, hr_h) = im_lr.size, im_hr.size
+        except OSError as err:
+            raise UserError(f"cannot read image: {err}") from None
+        if not (0 <= hr_w - scale * w < scale and 0 <= hr_h - scale * h < scale):
+            hint = (f"the LR is not smaller than its HR: downscale a pre-upsampled LR (as RealSR ships) x{scale} first"
+                    if w >= hr_w or h >= hr_h else f"does --scale {scale} match the data?")
+            raise UserError(f"HR {hr} is {hr_w}x{hr_h}, LR {lr} is {w}x{h}; expected HR {scale * w}x{scale * h} "
+                            f"(+ up to {scale - 1} px per side): {hint}")
+
+def run_paired(sr_fn, lr_dir, hr_dir, scale: int, device, lpips=None, save_dir=None, limit=None) -> list[dict]:
+    """Per pair: Y PSNR/SSIM [P §4], RGB PSNR/SSIM (shave = scale) and LPIPS (whole SR vs modcropped HR, as the KDSR
+    release scores it). The set is the LR folder's name (a bare scale folder: parent-scale, RealSR Test/4 -> Test-4)."""
+    pairs = paired_files(lr_dir, hr_dir, scale)[:limit]
+    check_pair_sizes(pairs, scale)
+    folder, rows, start = Path(lr_dir).resolve(), [], time.perf_counter()
+    set_name = "-".join(folder.parts[-2 if folder.name.lower().lstrip("x").isdigit() else -1:])
+    for n, (lr, hr) in enumerate(pairs, start=1):
+        img_hr = modcrop(load_uint8(hr), scale)
+        with torch.no_grad():
+            img_sr = to_uint8(sr_fn(load_image(lr)[None].to(device)))
+        if img_sr.shape != img_hr.shape:
+            raise UserError(f"model output {img_sr.shape[:2]} != HR {img_hr.shape[:2]} for {lr.name}: --scale {scale}?")
+        rows.append({"set": set_name, "image": lr.stem, "degradation": "paired", "psnr": psnr_y(img_sr, img_hr, scale),
+                     "ssim": ssim_y(img_sr, img_hr, scale), "psnr_rgb": psnr_y(img_sr, img_hr, scale, rgb=True),
+                     "ssim_rgb": ssim_y(img_sr, img_hr, scale, rgb=True)})
+        if lpips is not None:  # of the 8-bit SR and the HR, RGB in [0, 1]: (2, 3, H, W)
+            pair = torch.stack([torch.from_numpy(img) for img in (img_sr, img_hr)]).permute(0, 3, 1, 2).to(device) / 255
+            rows[-1]["lpips"] = lpips(pair[:1], pair[1:]).item()
+        if save_dir is not None:
+            save_image(img_sr, Path(save_dir) / set_name / f"{lr.stem}.png")
+        print(f"  {set_name} {n}/{len(pairs)} {lr.name} ({time.perf_counter() - start:.1f}s)", flush=True)
+    return rows
+
+def super_resolve_folder(sr_fn, lr_dir, out_dir, device, limit=None) -> list[Path]:
+    """`--lr-dir` alone: the SR of every LR image to <out_dir>/<stem>.png (sub-folders kept), never into lr_dir."""
+    lr_dir, out_dir = Path(lr_dir).resolve(), Path(out_dir).resolve()
+    files = list_images(lr_dir)[:limit]
+    targets = [out_dir / p.relative_to(lr_dir).with_suffix(".png") for p in files]
+    if out_dir == lr_dir or lr_dir in out_dir.parents:
+        raise UserError(f"output folder {out_dir} is in the LR folder {lr_dir}: inputs would be overwritten or re-read")
+    try:  # writable, before the first image
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (probe := out_dir / f".write-test-{os.getpid()}").touch()
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to {out_dir}: {err.strerror}") from None
+    for n, (path, target) in enumerate(zip(files, targets), start=1):
+        with torch.no_grad():
+            save_image(sr_fn(load_image(path)[None].to(device)), target)
+        print(f"  {n}/{len(files)} {path.name} -> {target}", flush=True)
+    return targets
+
+def add_paired_args(parser: argparse.ArgumentParser) -> None:
+    """Real-world evaluation flags: paired LR/HR folders (or LR alone: write SR PNGs) and LPIPS weight files."""
+    parser.add_argument("--lr-dir", help="LR folder: scored against --hr-dir, or alone: SR PNGs made (default: none)")
+    parser.add_argument("--hr-dir", help="HR folder paired by file name; may be --lr-dir itself (default: none)")
+    parser.add_argument("--lpips-weights", nargs=2, metavar=("TRUNK", "LIN"), help=f"{TRUNK_FILES} and the LPIPS v0.1 "
+                        "lin file alex.pth or vgg.pth, never downloaded (default: none, no LPIPS)")
+    parser.add_argument("--lpips-unverified", action=argparse.BooleanOptionalAction, default=False,
+                        help="accept a lin file that is not the released v0.1 one (default: False)")
+
+def check_paired_args(args) -> None:
+    """--hr-dir needs --lr-dir, and --lpips-weights needs both (it scores SR against HR): before any work."""
+    if (args.hr_dir and not args.lr_dir) or (args.lpips_weights and not args.hr_dir):
+        raise UserError("--hr-dir pairs with --lr-dir, and --lpips-weights needs both (paired real-world evaluation)")
 
 # ---- Run utilities ----------------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
@@ -382,12 +730,19 @@ def all_reduce_mean(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
         tensor = tensor / dist.world_size
     return tensor
 
+def gather_objects(obj, dist: Dist) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (collective: call on all); [obj] for a single process."""
+    if not dist.enabled:
+        return [obj]
+    torch.distributed.all_gather_object(objects := [None] * dist.world_size, obj)
+    return objects
+
 def rng_state(dist: Dist | None = None) -> dict:
     """torch (and CUDA) RNG states, all the scripts draw from; under DDP every rank's (collective: call on all)."""
     state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     if dist is None or not dist.enabled:
         return state
-    torch.distributed.all_gather_object(ranks := [None] * dist.world_size, state)
+    ranks = gather_objects(state, dist)
     return {**ranks[0], "ranks": ranks}
 
 def set_rng_state(state: dict, dist: Dist | None = None) -> None:
@@ -424,6 +779,54 @@ def load_checkpoint(path, script: str, stages=None, device="cpu") -> dict:
     if stages is not None and ckpt.get("stage") not in stages:
         raise UserError(f"{path} is a '{ckpt.get('stage')}' checkpoint; expected stage {' or '.join(stages)}")
     return ckpt
+
+def read_weights(path, expected: str) -> dict:
+    """The dict in a user-supplied weights file (never downloaded), or one UserError line saying what was expected."""
+    if not path or not Path(path).is_file():
+        raise UserError(f"weights file not found: {path} (expected {expected})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad user file
+        raise UserError(f"cannot read {path} ({str(err).splitlines()[0][:120]}): expected {expected}") from None
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{path} holds no state dict: expected {expected}")
+    return state
+
+def strict_state(state: dict, ours: dict, path, expected: str) -> dict:
+    """`state` if its keys and shapes are exactly those of `ours`, else one UserError naming the first differences."""
+    problems = [f"missing {k}" for k in ours if k not in state] + [f"unexpected {k}" for k in state if k not in ours]
+    problems += [f"{k} {tuple(getattr(v, 'shape', ()))} vs {tuple(ours[k].shape)}" for k, v in state.items()
+                 if k in ours and (not torch.is_tensor(v) or v.shape != ours[k].shape)]
+    if problems:
+        raise UserError(f"{path} is not {expected}: {', '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}")
+    return state
+
+def map_official_key(key: str, table: dict[str, str]) -> str | None:
+    """Our key for an official key (e.g. G.tail.0.2.weight -> G.upsample.2.weight), None when unknown."""
+    for official, ours in table.items():
+        if key.startswith(official + "."):
+            return ours + key[len(official):]
+    return None
+
+def convert_official(state: dict, ours: dict, table: dict[str, str]) -> dict:
+    """Official tensors under our keys; strict both ways (all consumed, all filled, shapes equal) or UserError."""
+    converted, unknown, mismatched = {}, [], []
+    for key, tensor in state.items():
+        target = map_official_key(key, table)
+        if target is None or target not in ours or target in converted:
+            unknown.append(key)
+        elif tuple(tensor.shape) != tuple(ours[target].shape):
+            mismatched.append(f"{key} {tuple(tensor.shape)} vs ours {tuple(ours[target].shape)}")
+        else:
+            converted[target] = tensor
+    inverse = {v: k for k, v in table.items()}
+    missing = [next((o + k[len(v):] for v, o in inverse.items() if k.startswith(v + ".")), k)
+               for k in ours if k not in converted]
+    for what, bad in (("unexpected official keys", unknown), ("shape mismatches", mismatched),
+                      ("official keys missing", missing)):
+        if bad:
+            raise UserError(f"{what} ({len(bad)}): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    return converted
 
 def resumed(path, script: str, stages, steps: int | None) -> dict:
     """The checkpoint --resume continues, its config's steps replaced by --steps; a UserError if none are left."""
@@ -509,15 +912,41 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-images", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--limit", type=at_least(1), default=None, help="only the first N images of each set")
 
+def degrade_folder(hr_dir, out_dir, scale: int = 4, seed: int = 0) -> list[Path]:
+    """x`scale` LR PNG of every HR image (modcropped) through the Real-ESRGAN pipeline, one draw per image seeded by
+    (seed, file name): a held-out paired set degraded like the real-world training data, the same on any machine."""
+    if Path(out_dir).resolve() == Path(hr_dir).resolve():
+        raise UserError(f"--out {out_dir} is the HR folder: its images would be overwritten by their LR")
+    written = []
+    for n, path in enumerate(files := list_images(hr_dir), start=1):
+        img_hr = torch.from_numpy(modcrop(load_uint8(path), scale)).permute(2, 0, 1)[None].float().div(255)
+        if min(img_hr.shape[-2:]) < MIN_REALESRGAN_GT:
+            raise UserError(f"{path} is {img_hr.shape[-1]}x{img_hr.shape[-2]}: the pipeline needs >= "
+                            f"{MIN_REALESRGAN_GT} px")
+        with torch.random.fork_rng(devices=[]):                  # on the CPU; the caller's RNG stream is untouched
+            torch.manual_seed(eval_seed(f"realesrgan/{seed}/{path.stem}"))
+            img_lr = realesrgan_degrade(img_hr, RealESRGANOptions(), scale)
+        save_image(img_lr, written_path := Path(out_dir) / f"{path.stem}.png")
+        written.append(written_path)
+        print(f"  {n}/{len(files)} {path.name} -> {written_path}", flush=True)
+    return written
+
 def main(argv=None) -> None:
-    """`baseline`: the bicubic-upsampling reference row of every method table."""
+    """`baseline`: the bicubic-upsampling reference row of every method table; `realesrgan`: degrade a folder."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     baseline = sub.add_parser("baseline", help="evaluate bicubic upsampling under a protocol")
     add_eval_args(baseline)
     baseline.add_argument("--out-dir", default=None, help="also write results.csv/results.md here")
+    degrade = sub.add_parser("realesrgan", help="write LR images of an HR folder made by the Real-ESRGAN pipeline")
+    degrade.add_argument("--hr-dir", required=True, help="HR images (at least 74 px a side)")
+    degrade.add_argument("--out", required=True, help="folder for the LR PNGs (same names)")
+    degrade.add_argument("--scale", type=at_least(2), default=4, help="default 4")
+    degrade.add_argument("--seed", type=int, default=0, help="with the file name, seeds each image's draw (default 0)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "realesrgan":
+            return degrade_folder(args.hr_dir, args.out, args.scale, args.seed)
         for data in args.data:
             rows = summarize(run_benchmark(bicubic_sr(args.scale), data, args.protocol, args.scale,
                                            args.data_root, limit=args.limit))

@@ -721,37 +721,6 @@ def official_key_map(n_blocks: int, estimator_prefix: str) -> dict[str, str]:
 MLN_KEY_MAP = {"head": "head", "body": "body", "tail": "tail"}
 
 
-# Copied from kdsr.py:map_official_key
-def map_official_key(key: str, table: dict[str, str]) -> str | None:
-    """Our key for an official key (e.g. G.tail.0.2.weight -> G.upsample.2.weight), None when unknown."""
-    for official, ours in table.items():
-        if key.startswith(official + "."):
-            return ours + key[len(official):]
-    return None
-
-
-# Copied from kdsr.py:convert_official
-def convert_official(state: dict, ours: dict, table: dict[str, str]) -> dict:
-    """Official tensors under our keys; strict both ways (all consumed, all filled, shapes equal) or UserError."""
-    converted, unknown, mismatched = {}, [], []
-    for key, tensor in state.items():
-        target = map_official_key(key, table)
-        if target is None or target not in ours or target in converted:
-            unknown.append(key)
-        elif tuple(tensor.shape) != tuple(ours[target].shape):
-            mismatched.append(f"{key} {tuple(tensor.shape)} vs ours {tuple(ours[target].shape)}")
-        else:
-            converted[target] = tensor
-    inverse = {v: k for k, v in table.items()}
-    missing = [next((o + k[len(v):] for v, o in inverse.items() if k.startswith(v + ".")), k)
-               for k in ours if k not in converted]
-    for what, bad in (("unexpected official keys", unknown), ("shape mismatches", mismatched),
-                      ("official keys missing", missing)):
-        if bad:
-            raise common.UserError(f"{what} ({len(bad)}): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-    return converted
-
-
 def read_raw_state(path) -> dict:
     """A released raw state dict of tensors (DataParallel 'module.' prefixes dropped), or a clear UserError."""
     if not Path(path).is_file():
@@ -782,7 +751,8 @@ def load_official(path) -> tuple[MRDA, Config]:
     n_blocks = len({m.group(1) for k in state if (m := re.match(r"G\.body\.0\.body\.(\d+)\.", k))})
     cfg = Config(n_feats=n_feats, n_blocks=n_blocks, den_feats=den_feats, mln_feats=den_in if teacher else 128)
     model = build_model(cfg, teacher)
-    model.load_state_dict(convert_official(state, model.state_dict(), official_key_map(n_blocks, prefix)), strict=True)
+    table = official_key_map(n_blocks, prefix)
+    model.load_state_dict(common.convert_official(state, model.state_dict(), table), strict=True)
     for name, sign in (("sub_mean", -1.0), ("add_mean", 1.0)):  # fixed constants: check, do not learn
         conv = getattr(model.G, name)
         if not (torch.allclose(conv.weight.flatten(1), torch.eye(3), atol=1e-6)
@@ -798,7 +768,7 @@ def load_official_mln(path, cfg: Config) -> MLN:
     if width != cfg.mln_feats:
         raise common.UserError(f"{path} is not an MLN of width {cfg.mln_feats} (head.0.weight: {width} channels)")
     mln = build_mln(cfg)
-    mln.load_state_dict(convert_official(state, mln.state_dict(), MLN_KEY_MAP), strict=True)
+    mln.load_state_dict(common.convert_official(state, mln.state_dict(), MLN_KEY_MAP), strict=True)
     return mln.eval().requires_grad_(False)
 
 

@@ -163,7 +163,7 @@ def test_baseline_cli_prints_table_and_writes_results(bench_root, tmp_path, caps
                  "--out-dir", str(tmp_path), "--limit", "1"])
     out = capsys.readouterr().out
     assert "sigma=1.80" in out and "sigma=3.20" in out and "mean" in out
-    assert (tmp_path / "results.csv").read_text().startswith("method,set,degradation,psnr,ssim,psnr_rgb,ssim_rgb,n")
+    assert (tmp_path / "results.csv").read_text().startswith("method,set,degradation,psnr,ssim,psnr_rgb,ssim_rgb,lpips,n")
     assert "| Set5 | mean |" in (tmp_path / "results.md").read_text()
 
 
@@ -275,8 +275,8 @@ def test_runlog_and_results_files(tmp_path, capsys):
     assert "set        degradation    PSNR (Y) SSIM (Y)    n\nSet5       mean            30.0000   0.9000    5" in out
     assert "PSNR (Y) SSIM (Y) PSNR RGB SSIM RGB    n\nSet5       mean            30.0000   0.9000  28.0000   0.8000" in out
     assert (tmp_path / "results.csv").read_text().splitlines() == [
-        "method,set,degradation,psnr,ssim,psnr_rgb,ssim_rgb,n", "ours,Set5,mean,30.0,0.9,,,5",
-        "bicubic,Set5,mean,30.0,0.9,,,5", "ours rgb,Set5,mean,30.0,0.9,28.0,0.8,5"]
+        "method,set,degradation,psnr,ssim,psnr_rgb,ssim_rgb,lpips,n", "ours,Set5,mean,30.0,0.9,,,,5",
+        "bicubic,Set5,mean,30.0,0.9,,,,5", "ours rgb,Set5,mean,30.0,0.9,28.0,0.8,,5"]
     md = (tmp_path / "results.md").read_text()
     assert md.count("| Set5 | mean | 30.0000 | 0.9000 | 5 |") == 2 and "| Set5 | mean | 30.0000 | 0.9000 | 28.0000 | 0.8000 | 5 |" in md
 
