@@ -199,7 +199,7 @@ YCBCR_TO_RGB = ((1.0, 0.0, 1.402), (1.0, -0.344136, -0.714136), (1.0, 1.772, 0.0
 
 @dataclasses.dataclass
 class RealESRGANOptions:
-    """Real-ESRGAN x4plus degradation settings [Real-ESRGAN]; pairs are (stage 1, stage 2) ."""
+    """Real-ESRGAN x4plus degradation settings [Real-ESRGAN]; pairs are (stage 1, stage 2)."""
     kernel_sizes: tuple = (7, 9, 11, 13, 15, 17, 19, 21)  # uniform; both stages and the final sinc [official code]
     sinc_prob: tuple = (0.1, 0.1)
     family_probs: tuple = ((0.45, 0.25, 0.12, 0.03, 0.12, 0.03),) * 2  # iso, aniso, gen. iso/aniso, plateau iso/aniso
@@ -214,6 +214,7 @@ class RealESRGANOptions:
     gray_noise_prob: tuple = (0.4, 0.4)
     jpeg_range: tuple = ((30.0, 95.0), (30.0, 95.0))
     second_blur_prob: float = 0.8
+
 def sinc_kernels(cutoff, size, pad_to: int = 21) -> torch.Tensor:
     """[BasicSR] circular low-pass (B, pad_to, pad_to) float32 on each sample's size² core, sum 1."""
     x, y, mask, wc = _grid(pad_to, size, cutoff)

@@ -111,7 +111,7 @@ class Config:
     # real-world track (--degradation realesrgan, Sec. 4.4); REALWORLD below sets the KDSR-GAN values
     hr_crop: int = 400                   # [official code] GT crop the Real-ESRGAN pipeline degrades (LR 100)
     pool_size: int = 180                 # [official code] training-pair pool per process
-    ema_decay: float = 0.0               # [official code] 0.999 in the real-world stages; 0: no EMA (classic)
+    ema_decay: float = 0.999             # [official code] EMA of the weights, real-world stages only
     teacher_usm: bool = False            # [official code] STV2: the teacher estimator sees USM(HR)
     gan_epochs: int = 400_000            # [Sec. 4.1] student-gan: 400K iterations
     gan_halve_every: int = 400_000       # [official code] G and D lr x0.5 at 400K
@@ -126,14 +126,13 @@ SIZES = {"M": {"size": "M", "n_feats": 64, "n_blocks": 53, "n_resblocks": 9},   
 # so one "epoch" is one iteration here. Paper values differ where tagged DEV in Config and the README.
 REALWORLD = {"size": "GAN", "n_feats": 128, "n_blocks": 42, "n_resblocks": 6, "batch_size": 48, "beta2": 0.99,
              "iters_per_epoch": 1, "teacher_epochs": 1_000_000, "teacher_halve_every": 4_000_000,  # 1e-4 constant
-             "student_epochs": 1_000_000, "student_halve_every": 600_000, "student_learning_rate": 2e-4,
-             "ema_decay": 0.999}
+             "student_epochs": 1_000_000, "student_halve_every": 600_000, "student_learning_rate": 2e-4}
 PRESETS = {
     "paper": {},
     "smoke": {"size": "smoke", "n_feats": 8, "n_blocks": 2, "n_resblocks": 1, "lr_patch": 16, "batch_size": 2,
               "iters_per_epoch": 5, "teacher_epochs": 2, "student_epochs": 2, "warmup_epochs": 1, "joint_epochs": 1,
               "gan_epochs": 2, "learning_rate": 1e-3, "student_learning_rate": 1e-3, "warmup_learning_rate": 1e-3,
-              "gan_learning_rate": 1e-3, "save_every": 1000, "hr_crop": 96, "pool_size": 4},
+              "gan_learning_rate": 1e-3, "save_every": 1000, "hr_crop": 96, "pool_size": 4, "ema_decay": 0.9},
 }
 
 
@@ -177,6 +176,8 @@ def check_config(cfg: Config) -> None:
     if cfg.degradation == "realesrgan" and not cfg.lr_patch * cfg.scale <= cfg.hr_crop >= common.MIN_REALESRGAN_GT:
         raise common.UserError(f"the Real-ESRGAN pipeline needs a GT crop >= {common.MIN_REALESRGAN_GT} px and >= the "
                                f"HR patch {cfg.lr_patch * cfg.scale}; got hr_crop {cfg.hr_crop}")
+    if cfg.degradation == "realesrgan" and cfg.batch_size > cfg.pool_size:
+        raise common.UserError(f"--batch-size {cfg.batch_size} exceeds the {cfg.pool_size}-pair training pool")
 
 
 # ---- 2. Degradation ----------------------------------------------------------------------------------------
@@ -470,9 +471,8 @@ def disc_step(disc: nn.Module, optimizer, img_hr: torch.Tensor, img_sr: torch.Te
     Eq. 14]. Under DDP the first backward only accumulates (no_sync), the second all-reduces the sum."""
     disc.requires_grad_(True)
     optimizer.zero_grad(set_to_none=True)
-    scalars = {}
+    scalars, ddp = {}, isinstance(disc, nn.parallel.DistributedDataParallel)
     for name, img, real in (("l_d_real", img_hr, True), ("l_d_fake", img_sr.detach(), False)):
-        ddp = isinstance(disc, nn.parallel.DistributedDataParallel)
         with disc.no_sync() if real and ddp else contextlib.nullcontext():
             with common.autocast(device, amp):
                 loss = gan_loss(disc(img), real)
@@ -507,12 +507,10 @@ def _training_state(cfg: Config, model: KDSR, disc: nn.Module | None) -> dict:
     def adam(params):
         return torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
     state = {"model": model, "optimizer": adam([p for p in model.parameters() if p.requires_grad])}  # not the mean
-    if cfg.ema_decay:
-        state["ema"] = copy.deepcopy(model).requires_grad_(False)        # [official code] starts equal to G
     if disc is not None:
         state.update(disc=disc, opt_d=adam(disc.parameters()))           # same Adam and lr rule [official code]
-    if cfg.degradation == "realesrgan":
-        state["pool"] = common.TrainingPairPool(cfg.pool_size)
+    if cfg.degradation == "realesrgan":                                  # [official code] KDSR-GAN keeps both
+        state.update(ema=copy.deepcopy(model).requires_grad_(False), pool=common.TrainingPairPool(cfg.pool_size))
     return state
 
 
@@ -526,8 +524,9 @@ def _restore(path: Path, state: dict, stage: str, dist, device) -> int:
             part.load_state_dict(ckpt["pool"][dist.rank])                # each rank its own pool
     common.set_rng_state(ckpt["rng"], dist)  # every rank continues its own random degradations
     if not same_world and dist.is_main:
-        print(f"note: {path} was written by another number of processes than this run's {dist.world_size}: the "
-              f"random degradations{' and the pair pool' if 'pool' in state else ''} do not continue exactly")
+        print(f"note: {path} was written by {len(ckpt['rng'].get('ranks', [None]))} process(es), this run has "
+              f"{dist.world_size}: the random degradations{' and pair pools' if 'pool' in state else ''} do not "
+              f"continue exactly")
     return int(ckpt["step"])
 
 
@@ -545,7 +544,8 @@ def fit(cfg: Config, args, stage: str, model: KDSR, step_fn, resume: Path | None
     checkpoints. SIGINT/SIGTERM: finish the step, write last.pt, return. A non-finite loss stops before its update."""
     state = _training_state(cfg, model, disc)
     start = _restore(resume, state, stage, dist, device) if resume else 0
-    net, disc_net = common.wrap_ddp(model, dist, find_unused=find_unused), disc and common.wrap_ddp(disc, dist)
+    net = common.wrap_ddp(model, dist, find_unused=find_unused)
+    disc_net = common.wrap_ddp(disc, dist) if disc is not None else None
     real = cfg.degradation == "realesrgan"  # GT crops of 400 (padded if smaller), h-flip only [official code]
     dataset = common.HRPatches(args.data_dir, cfg.hr_crop if real else cfg.lr_patch * cfg.scale, hflip_only=real,
                                pad_small=real)

@@ -581,40 +581,6 @@ def train(cfg: Config, args, stage: str, resume: Path | None) -> Path:
 
 
 # ---- 6. Evaluation -----------------------------------------------------------------------------------------
-def paired_files(hr_dir, lr_dir, scale: int) -> list[tuple[Path, Path]]:
-    """HR/LR validation pairs matched by name: LR stem == HR stem, or HR stem + 'x4' (+ one NTIRE letter)."""
-    lr_by_stem = {p.stem: p for p in common.list_images(lr_dir)}
-    pairs, missing = [], []
-    for hr in common.list_images(hr_dir):
-        names = [hr.stem, f"{hr.stem}x{scale}"] + [f"{hr.stem}x{scale}{c}" for c in "mdw"]
-        found = [lr_by_stem[n] for n in names if n in lr_by_stem]
-        (pairs.append((hr, found[0])) if found else missing.append(hr.name))
-    if missing:
-        raise common.UserError(f"no LR image in {lr_dir} for {len(missing)} HR image(s): {', '.join(missing[:5])} "
-                               f"(expected the same name, or NAMEx{scale}.png)")
-    return pairs
-
-
-def run_paired(sr_fn, hr_dir, lr_dir, scale: int, device, save_dir=None, limit=None) -> list[dict]:
-    """Y PSNR/SSIM (protocol.md 4) and the paper's RGB PSNR/SSIM [Sec. 4.1], shave = scale, on paired data."""
-    rows, set_name = [], Path(hr_dir).name
-    for hr_path, lr_path in paired_files(hr_dir, lr_dir, scale)[:limit]:
-        img_hr = common.modcrop(common.load_uint8(hr_path), scale)
-        img_lr = common.load_image(lr_path)[None].to(device)
-        if tuple(s * scale for s in img_lr.shape[-2:]) != img_hr.shape[:2]:
-            raise common.UserError(f"{lr_path.name} is {tuple(img_lr.shape[-2:])}, expected 1/{scale} of "
-                                   f"{hr_path.name} {img_hr.shape[:2]}")
-        with torch.no_grad():
-            img_sr = common.to_uint8(sr_fn(img_lr))
-        rows.append({"set": set_name, "image": hr_path.stem, "degradation": "paired",
-                     "psnr": common.psnr_y(img_sr, img_hr, scale), "ssim": common.ssim_y(img_sr, img_hr, scale),
-                     "psnr_rgb": common.psnr_y(img_sr, img_hr, scale, rgb=True),
-                     "ssim_rgb": common.ssim_y(img_sr, img_hr, scale, rgb=True)})
-        if save_dir is not None:
-            common.save_image(img_sr, Path(save_dir) / set_name / f"{hr_path.stem}.png")
-    return rows
-
-
 def load_for_inference(args, device) -> tuple[nn.Module, Config, str]:
     """The SR network from our checkpoint (config inside) or from released weights."""
     if bool(args.ckpt) == bool(args.official_weights):
@@ -653,8 +619,9 @@ def evaluate(args) -> list[dict]:
     summary = []
     for data in args.data:
         if args.lr_data:
-            rows = run_paired(sr_fn, data, args.lr_data, args.scale, device, save_dir, args.limit)
-            ref = run_paired(common.bicubic_sr(args.scale), data, args.lr_data, args.scale, device, None, args.limit)
+            rows = common.run_paired(sr_fn, args.lr_data, data, args.scale, device, None, save_dir, args.limit)
+            ref = common.run_paired(common.bicubic_sr(args.scale), args.lr_data, data, args.scale, device, None, None,
+                                    args.limit)
         else:
             rows = common.run_benchmark(sr_fn, data, args.protocol, args.scale, args.data_root, device, save_dir,
                                         args.limit)

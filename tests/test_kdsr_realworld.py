@@ -2,6 +2,10 @@
 VGG19 perceptual loss, GAN loss, EMA, the staged CLI chain with paired evaluation, exact resume, bad inputs."""
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,6 +160,7 @@ def test_realworld_schedules_follow_the_release():
     assert kdsr.schedule(cfg, "student-gan", 399_999) == (1e-4, False)
     assert (cfg.batch_size, cfg.lr_patch, cfg.hr_crop, cfg.beta2, cfg.ema_decay, cfg.pool_size) == (
         48, 64, 400, 0.99, 0.999, 180)
+    assert kdsr.Config(**kdsr.PRESETS["smoke"]).ema_decay == 0.9  # a few hundred steps: a short memory
 
 
 # ---- CLI chain ---------------------------------------------------------------------------------------------
@@ -209,8 +214,7 @@ def test_realworld_chain_trains_every_stage(chain):
     assert ckpt["teacher_ckpt"] == str(chain["teacher"]) and ckpt["student_ckpt"] == str(chain["student"])
     assert not all(torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["model"])  # EMA lags G
     student = torch.load(chain["student"], weights_only=True)
-    teacher = torch.load(chain["teacher"], weights_only=True)
-    assert student["config"]["degradation"] == "realesrgan"
+    assert student["config"]["degradation"] == "realesrgan" and student["teacher_ckpt"] == str(chain["teacher"])
 
 
 def test_paired_eval_with_lpips_and_sr_only_folder(chain, weight_files, real_pairs, tmp_path):
@@ -270,6 +274,8 @@ def test_missing_weights_and_hand_offs_are_refused_before_any_work(chain, tiny_h
                    "--vgg-weights", str(weight_files / "vgg19.pth")])
     with pytest.raises(SystemExit, match=r"^error: the teacher .* was trained on 'realesrgan': its student must be"):
         kdsr.main([*train, "--stage", "student", "--teacher-ckpt", str(chain["teacher"]), "--degradation", "iso"])
+    with pytest.raises(SystemExit, match=r"^error: --batch-size 5 exceeds the 4-pair training pool$"):
+        kdsr.main([*train, "--stage", "teacher", "--degradation", "realesrgan", "--batch-size", "5"])
     assert not (tmp_path / "x").exists()                                             # nothing ran
 
 
@@ -287,3 +293,18 @@ def test_unmatched_or_wrongly_sized_pairs_are_refused(chain, real_pairs, tmp_pat
     with pytest.raises(SystemExit, match=r"^error: .*0800"):
         kdsr.main([*run, "--lr-dir", str(big)])
     assert not (tmp_path / "e" / "results.csv").exists()
+
+
+def test_student_gan_under_torchrun_keeps_ranks_identical(chain, tiny_hr_dir, weight_files, tmp_path):
+    """G and D are both DDP-wrapped (D's first backward under no_sync); every rank keeps its own pair pool."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "ddp_train_probe.py"), "kdsr", "train", "--stage", "student-gan", "--student-ckpt",
+           str(chain["student"]), "--vgg-weights", str(weight_files / "vgg19.pth"), "--data-dir", str(tiny_hr_dir),
+           "--steps", "4", "--out-dir", str(tmp_path / "g"), *SMOKE]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    probes = [json.loads(obj) for obj in re.findall(r'\{"rank"[^{}]*\}', result.stdout)]
+    assert sorted(p["rank"] for p in probes) == [0, 1] and all(p["models"] == 2 and p["ranks_agree"] for p in probes)
+    ckpt = torch.load(tmp_path / "g" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4 and len(ckpt["pool"]) == 2 and not torch.equal(ckpt["pool"][0]["hr"], ckpt["pool"][1]["hr"])
