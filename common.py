@@ -62,11 +62,11 @@ def list_images(dirs) -> list[Path]:
 
 # ---- Training data ----------------------------------------------------------------------------------------
 class HRPatches(torch.utils.data.Dataset):
-    """Random HR patches, h/v-flip and transpose at p = 0.5 [P §5] (`hflip_only`: horizontal flip alone, as Real-ESRGAN
-    loaders do); `pad_small`: an image smaller than the patch is reflect-padded bottom/right (cv2 REFLECT_101) instead
-    of refused. crops_per_item = k > 1 gives (k, 3, P, P) crops of one image. Decoded once (threads) into uint8
-    memory; item i depends on (seed, i) only, not on the workers."""
-    def __init__(self, dirs, patch_size: int, crops_per_item: int = 1, hflip_only=False, pad_small=False):
+    """Random HR patches, h/v-flip and transpose at p = 0.5 [P §5] (`augment` names the ones used: "h" alone as
+    Real-ESRGAN loaders do, "" none); `pad_small`: an image smaller than the patch is reflect-padded bottom/right (cv2
+    REFLECT_101) instead of refused. crops_per_item = k > 1 gives (k, 3, P, P) crops of one image. Decoded once
+    (threads) into uint8 memory; item i depends on (seed, i) only, not on the workers or the number of processes."""
+    def __init__(self, dirs, patch_size: int, crops_per_item: int = 1, augment: str = "hvt", pad_small=False):
         self.files = list_images(dirs)
         with ThreadPoolExecutor(8) as pool:                                         # Pillow releases the GIL
             self.images = list(pool.map(load_uint8, self.files))
@@ -76,7 +76,7 @@ class HRPatches(torch.utils.data.Dataset):
                                 f"{patch_size} HR training patch{' allows (half, padded)' if pad_small else ''}: "
                                 f"remove it or lower the patch size")
         self.patch_size, self.crops_per_item, self.seed = patch_size, crops_per_item, 0
-        self.hflip_only, self.pad_small = hflip_only, pad_small
+        self.augment, self.pad_small = augment, pad_small
     def __len__(self) -> int:
         return len(self.images)
     def __getitem__(self, index: int) -> torch.Tensor:
@@ -89,8 +89,7 @@ class HRPatches(torch.utils.data.Dataset):
         for _ in range(self.crops_per_item):
             top, left = rng.integers(img.shape[0] - size + 1), rng.integers(img.shape[1] - size + 1)
             patch = img[top:top + size, left:left + size]
-            hflip, vflip, transpose = rng.random(3) < 0.5
-            vflip, transpose = (False, False) if self.hflip_only else (vflip, transpose)
+            hflip, vflip, transpose = (rng.random(3) < 0.5) & [c in self.augment for c in "hvt"]
             patch = patch[::-1 if vflip else 1, ::-1 if hflip else 1]
             patch = patch.transpose(1, 0, 2) if transpose else patch
             crops.append(torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1))
@@ -102,13 +101,13 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 def infinite_batches(dataset, batch_size: int, device, seed: int = 0, start_step: int = 0, workers: int = 2, dist=None):
-    """Endless batches on `device`; `start_step=k` gives exactly the batches an uninterrupted run sees at k."""
-    dataset.seed = seed
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    # step k on rank r draws items (k·world + r)·B … (k·world + r)·B + B − 1: disjoint across ranks and steps
-    items = itertools.chain.from_iterable(range((k * world + rank) * batch_size, (k * world + rank + 1) * batch_size)
+    """Endless batches on `device`: this rank's share of the global batch `batch_size`; `start_step=k` gives exactly
+    the batches an uninterrupted run sees at k, with any number of processes."""
+    dataset.seed, part = seed, share(batch_size, dist or Dist())
+    # step k is items k·B … k·B + B − 1 of the global batch B; rank r loads its share of them
+    items = itertools.chain.from_iterable(range(k * batch_size + part.start, k * batch_size + part.stop)
                                           for k in itertools.count(start_step))
-    loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=items, num_workers=workers,  # own generator:
+    loader = torch.utils.data.DataLoader(dataset, part.stop - part.start, sampler=items, num_workers=workers,
                                          generator=torch.Generator().manual_seed(seed),  # global RNG untouched
                                          worker_init_fn=_ignore_sigint,
                                          pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
@@ -173,10 +172,13 @@ def imresize(img: torch.Tensor, scale: float) -> torch.Tensor:
     return rows @ img @ cols.T
 
 def add_noise(img: torch.Tensor, sigma255, generator=None) -> torch.Tensor:
-    """img + σn/255 · ε, ε ~ N(0, 1) per pixel and channel; σn per sample on the 0–255 scale [P §1.4]."""
+    """img + σn/255 · ε, ε ~ N(0, 1) per pixel and channel; σn per sample on the 0–255 scale [P §1.4]. ε from a
+    StepRandom in training (this rank's share of the step's draw), a CPU generator in evaluation, else global."""
     sigma = torch.as_tensor(sigma255, dtype=img.dtype, device=img.device).reshape(-1, 1, 1, 1)
-    # seeded evaluation noise is drawn on the CPU, then moved [P §1.5]
-    eps = torch.randn_like(img) if generator is None else torch.randn(img.shape, generator=generator).to(img)
+    if isinstance(generator, StepRandom):
+        eps = generator.randn(*img.shape[1:]).to(img.dtype)
+    else:  # seeded evaluation noise is drawn on the CPU, then moved [P §1.5]
+        eps = torch.randn_like(img) if generator is None else torch.randn(img.shape, generator=generator).to(img)
     return img + sigma / 255 * eps
 
 def quantize(img: torch.Tensor) -> torch.Tensor:
@@ -721,6 +723,39 @@ def wrap_ddp(model: torch.nn.Module, dist: Dist, find_unused: bool = False) -> t
         return model
     ids = [dist.local_rank] if next(model.parameters()).is_cuda else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+
+def share(batch_size: int, dist: Dist) -> slice:
+    """This rank's items [r·b, (r+1)·b) of a global batch, b = batch / world size; a UserError unless it divides."""
+    if batch_size % dist.world_size:
+        raise UserError(f"--batch-size {batch_size} is the global batch: it must be a multiple of the "
+                        f"{dist.world_size} processes")
+    b = batch_size // dist.world_size
+    return slice(dist.rank * b, (dist.rank + 1) * b)
+
+class StepRandom:
+    """The random draws of one training step, seeded by (seed, step) alone and made for the whole global batch, of
+    which each rank keeps its share: sample i of step k sees the same numbers with 1 or N processes, and a resumed
+    run the same as an uninterrupted one (on one device type: CPU and CUDA generators differ)."""
+    def __init__(self, seed: int, step: int, batch_size: int, dist: Dist, device):
+        self.generator = torch.Generator(device=device).manual_seed(eval_seed(f"train/{seed}/{step}"))
+        self.batch, self.part, self.device = batch_size, share(batch_size, dist), device
+    def rand(self, *shape) -> torch.Tensor:
+        """U[0, 1) of shape (b, *shape) for this rank's samples."""
+        return torch.rand(self.batch, *shape, generator=self.generator, device=self.device)[self.part]
+    def randn(self, *shape) -> torch.Tensor:
+        """N(0, 1) of shape (b, *shape) for this rank's samples."""
+        return torch.randn(self.batch, *shape, generator=self.generator, device=self.device)[self.part]
+    def shared(self, *shape) -> torch.Tensor:
+        """U[0, 1) of `shape`, the same on every rank (a draw for the step, not for a sample)."""
+        return torch.rand(shape, generator=self.generator, device=self.device)
+
+def gather_batch(x: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Every rank's x concatenated in rank order (the global batch), gradients flowing back into each rank's own x:
+    a loss that is a statistic over the batch then sees the same samples with 1 or N processes."""
+    if not dist.enabled:
+        return x
+    import torch.distributed.nn.functional as dist_nn                  # autograd-aware collectives
+    return torch.cat(dist_nn.all_gather(x))
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

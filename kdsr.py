@@ -76,7 +76,7 @@ class Config:
     # data
     scale: int = 4                       # [Sec. 4.1] x4
     lr_patch: int = 64                   # [Sec. 4.1] LR patch 64 -> HR crop 256
-    batch_size: int = 64                 # [Sec. 4.1] per process under DDP
+    batch_size: int = 64                 # [Sec. 4.1] global: each of N processes takes 64 / N
     degradation: str = "iso"             # [Sec. 4.1] "iso" (Sec. 4.2) | "aniso_noise" (Sec. 4.3)
     kernel_size: int = 21                # [Sec. 4.1]
     sigma_min: float = 0.2               # [Sec. 4.1] iso sigma, aniso lambda1/lambda2 ~ U[0.2, 4.0]
@@ -181,11 +181,12 @@ def check_config(cfg: Config) -> None:
 
 
 # ---- 2. Degradation ----------------------------------------------------------------------------------------
-def sample_degradations(batch: int, kind: str, sigma_min: float, sigma_max: float, noise_max: float,
-                        kernel_size: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One blur kernel (B, k, k) and one noise level (B,) per sample [Sec. 4.1, DEV]; global RNG (saved on resume)."""
+def sample_degradations(rnd: common.StepRandom, kind: str, sigma_min: float, sigma_max: float, noise_max: float,
+                        kernel_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One blur kernel (b, k, k) and one noise level (b,) per sample [Sec. 4.1, DEV], drawn by the step's StepRandom:
+    sample i of step k gets the same degradation with any number of processes [ours]."""
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(batch, device=device)
+        return lo + (hi - lo) * rnd.rand()
     if kind == "iso":
         # sigma ~ U[0.2, 4.0], no noise [Sec. 4.2]
         return common.isotropic_kernels(uniform(sigma_min, sigma_max), kernel_size), None
@@ -196,11 +197,11 @@ def sample_degradations(batch: int, kind: str, sigma_min: float, sigma_max: floa
 
 
 @torch.no_grad()
-def degrade_batch(img_hr: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """I_LR = Q((I_HR * k) down_s + n) per sample [Eq. 1]; (B, 3, sP, sP) -> (B, 3, P, P)."""
-    kernels, noise = sample_degradations(img_hr.shape[0], cfg.degradation, cfg.sigma_min, cfg.sigma_max,
-                                         cfg.noise_max, cfg.kernel_size, img_hr.device)
-    return common.degrade(img_hr, kernels, cfg.scale, noise)
+def degrade_batch(img_hr: torch.Tensor, cfg: Config, rnd: common.StepRandom) -> torch.Tensor:
+    """I_LR = Q((I_HR * k) down_s + n) per sample [Eq. 1]; (b, 3, sP, sP) -> (b, 3, P, P)."""
+    kernels, noise = sample_degradations(rnd, cfg.degradation, cfg.sigma_min, cfg.sigma_max, cfg.noise_max,
+                                         cfg.kernel_size)
+    return common.degrade(img_hr, kernels, cfg.scale, noise, generator=rnd)
 
 
 @torch.no_grad()
@@ -522,11 +523,10 @@ def _restore(path: Path, state: dict, stage: str, dist, device) -> int:
             part.load_state_dict(ckpt[key])
         elif same_world:
             part.load_state_dict(ckpt["pool"][dist.rank])                # each rank its own pool
-    common.set_rng_state(ckpt["rng"], dist)  # every rank continues its own random degradations
-    if not same_world and dist.is_main:
+    common.set_rng_state(ckpt["rng"], dist)  # the real-world pipeline draws from each rank's own global RNG
+    if not same_world and "pool" in state and dist.is_main:
         print(f"note: {path} was written by {len(ckpt['rng'].get('ranks', [None]))} process(es), this run has "
-              f"{dist.world_size}: the random degradations{' and pair pools' if 'pool' in state else ''} do not "
-              f"continue exactly")
+              f"{dist.world_size}: the real-world degradations and pair pools do not continue exactly")
     return int(ckpt["step"])
 
 
@@ -547,8 +547,8 @@ def fit(cfg: Config, args, stage: str, model: KDSR, step_fn, resume: Path | None
     net = common.wrap_ddp(model, dist, find_unused=find_unused)
     disc_net = common.wrap_ddp(disc, dist) if disc is not None else None
     real = cfg.degradation == "realesrgan"  # GT crops of 400 (padded if smaller), h-flip only [official code]
-    dataset = common.HRPatches(args.data_dir, cfg.hr_crop if real else cfg.lr_patch * cfg.scale, hflip_only=real,
-                               pad_small=real)
+    dataset = common.HRPatches(args.data_dir, cfg.hr_crop if real else cfg.lr_patch * cfg.scale,
+                               augment="h" if real else "hvt", pad_small=real)
     batches = common.infinite_batches(dataset, cfg.batch_size, device, seed=cfg.seed, start_step=start,
                                       workers=args.workers, dist=dist)  # step k always sees the same crops
     steps, out_dir = total_steps(cfg, stage), Path(args.out_dir)
@@ -570,7 +570,7 @@ def fit(cfg: Config, args, stage: str, model: KDSR, step_fn, resume: Path | None
             if real:                                                # LR 64 / GT 256 from the pool
                 img_lr, img_hr = realworld_pairs(img_hr, cfg, state["pool"])
             else:
-                img_lr = degrade_batch(img_hr, cfg)                 # (B, 3, P, P)
+                img_lr = degrade_batch(img_hr, cfg, common.StepRandom(cfg.seed, step, cfg.batch_size, dist, device))
             if args.channels_last and device.type == "cuda":
                 img_lr, img_hr = (x.contiguous(memory_format=torch.channels_last) for x in (img_lr, img_hr))
             loss, scalars, img_sr = step_fn(net, img_lr, img_hr, estimator_only)
@@ -601,7 +601,7 @@ def fit(cfg: Config, args, stage: str, model: KDSR, step_fn, resume: Path | None
 def _setup(cfg: Config, args):
     device = common.pick_device(args.device)
     dist = common.ddp_setup(device)
-    common.seed_everything(cfg.seed + dist.rank)  # each rank draws its own degradations
+    common.seed_everything(cfg.seed + dist.rank)  # rank 0 = a single process; training draws use StepRandom
     return device, dist
 
 
@@ -879,7 +879,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "N 42, R 6)")
     tr.add_argument("--preset", choices=tuple(PRESETS), default="paper")
     tr.add_argument("--steps", type=common.at_least(1), help="stop at this step (default: the stage's full schedule)")
-    tr.add_argument("--batch-size", type=common.at_least(1), help="override the batch size (per process)")
+    tr.add_argument("--batch-size", type=common.at_least(1), help="override the global batch size (N processes "
+                                                                   "take batch / N each)")
     tr.add_argument("--save-every", type=common.at_least(1), help="override the checkpoint period (steps)")
     tr.add_argument("--teacher-usm", action=argparse.BooleanOptionalAction, help="student stages: the teacher "
                     "estimator sees the USM-sharpened HR (the release's KDSR-GAN V2 option)")

@@ -68,7 +68,8 @@ class Config:
     # data
     scale: int = 4                   # [Sec. 4.1] x4 only, as the release
     lr_patch: int = 64               # [Sec. 4.1] LR patch 64 -> HR crops of 256
-    batch_size: int = 16             # [Sec. 4.1] 16 images -> 32 patch pairs (per process under DDP)
+    batch_size: int = 16             # [Sec. 4.1] 16 images -> 32 patch pairs; global (N processes: 16 / N each)
+    augment: bool = True             # [ours, DEV] flips/transposes of the HR crops (release: none)
     degradation: str = "iso"         # [Sec. 4.1] "iso" (setting 1) | "aniso_noise" (setting 2)
     kernel_size: int = 21            # [Sec. 4.1]
     sigma_min: float = 0.2           # [Sec. 4.1] kernel width / lambda range U[0.2, 4.0]
@@ -126,11 +127,12 @@ def check_config(cfg: Config) -> None:
 
 
 # ---- 2. Degradation ----------------------------------------------------------------------------------------
-def sample_degradations(batch: int, kind: str, sigma_min: float, sigma_max: float, noise_max: float,
-                        kernel_size: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One kernel k_b and one noise level sigma_b per item [Sec. 4.1]; global RNG (restored by --resume)."""
+def sample_degradations(rnd: common.StepRandom, kind: str, sigma_min: float, sigma_max: float, noise_max: float,
+                        kernel_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One kernel k_b and one noise level sigma_b per item [Sec. 4.1], drawn by the step's StepRandom, so item i of
+    step k is degraded alike with any number of processes [ours]."""
     def uniform(lo, hi):
-        return lo + (hi - lo) * torch.rand(batch, device=device)
+        return lo + (hi - lo) * rnd.rand()
     if kind == "iso":
         # setting 1: sigma ~ U[0.2, 4.0], no noise [Sec. 4.1]
         return common.isotropic_kernels(uniform(sigma_min, sigma_max), kernel_size), None
@@ -141,18 +143,15 @@ def sample_degradations(batch: int, kind: str, sigma_min: float, sigma_max: floa
 
 
 @torch.no_grad()
-def degrade_pairs(pairs_hr: torch.Tensor, kernels: torch.Tensor, noise: torch.Tensor | None, scale: int):
+def degrade_pairs(pairs_hr: torch.Tensor, kernels: torch.Tensor, noise: torch.Tensor | None, scale: int,
+                  rnd: common.StepRandom):
     """Two crops of one HR image, same k_b and sigma_b, own noise draw each [Sec. 4.1, Eq. 1].
 
     pairs_hr (B, 2, 3, P, P) -> img1_lr, img1_hr (crop 1: E and G), img2_lr, img2_hr (crop 2: D).
     """
-    batch = pairs_hr.shape[0]
-    img_hr = pairs_hr.flatten(0, 1)  # (2B, 3, P, P), order: item0 crop1, item0 crop2, item1 crop1, ...
-    noise2 = None if noise is None else noise.repeat_interleave(2)
-    # I_LR = Q((I_HR * k_b) down4 + sigma_b eps) [Eq. 1]
-    img_lr = common.degrade(img_hr, kernels.repeat_interleave(2, 0), scale, noise2)
-    img_lr = img_lr.view(batch, 2, *img_lr.shape[1:])  # (B, 2, 3, P/4, P/4)
-    return img_lr[:, 0], pairs_hr[:, 0], img_lr[:, 1], pairs_hr[:, 1]
+    # I_LR = Q((I_HR * k_b) down4 + sigma_b eps) [Eq. 1]; crop 1's noise field is drawn first, then crop 2's
+    img1_lr, img2_lr = (common.degrade(pairs_hr[:, i], kernels, scale, noise, generator=rnd) for i in (0, 1))
+    return img1_lr, pairs_hr[:, 0], img2_lr, pairs_hr[:, 1]
 
 
 # ---- 3. Networks -------------------------------------------------------------------------------------------
@@ -346,14 +345,14 @@ def build_model(cfg: Config, with_degrader: bool | None = None) -> ReDSR:
 
 
 # ---- 4. Losses ---------------------------------------------------------------------------------------------
-def sample_prior(kind: str, m: int, dim: int, device) -> torch.Tensor:
+def sample_prior(kind: str, m: int, dim: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
     """m samples t_j in R^C of the predefined distribution [Eq. 5]; unit variance per coordinate [DEV]."""
     if kind == "gaussian":
-        return torch.randn(m, dim, device=device)  # N(0, I)
+        return torch.randn(m, dim, device=device, generator=generator)  # N(0, I)
     if kind == "uniform":
-        return (torch.rand(m, dim, device=device) * 2 - 1) * math.sqrt(3.0)  # U[-sqrt3, sqrt3]
+        return (torch.rand(m, dim, device=device, generator=generator) * 2 - 1) * math.sqrt(3.0)  # U[-sqrt3, sqrt3]
     if kind == "exponential":
-        return torch.empty(m, dim, device=device).exponential_(1.0)  # Exp(rate 1)
+        return torch.empty(m, dim, device=device).exponential_(1.0, generator=generator)  # Exp(rate 1)
     raise ValueError(f"unknown prior {kind!r}")
 
 
@@ -386,7 +385,8 @@ def re_degradation_loss(img2_lr_hat: torch.Tensor, img2_lr: torch.Tensor) -> tor
 
 @torch.no_grad()
 def modulation_weight(img2_lr_hat: torch.Tensor, img2_lr: torch.Tensor) -> torch.Tensor:
-    """Per-sample W_b = 2 / (1 + C^-1), C = 1/d_b, d_b = RMSE(I2_LR^_b, I2_LR_b) [Eqs. 7-8, DEV]; detached. (B,)"""
+    """Per-sample W_b = 2 / (1 + C^-1), C = 1/d_b, d_b = RMSE(I2_LR^_b, I2_LR_b) on the [0, 1] scale [Eqs. 7-8, DEV];
+    detached. (B,)"""
     d = (img2_lr_hat.float() - img2_lr.float()).pow(2).mean(dim=(1, 2, 3)).sqrt()
     return 2.0 / (1.0 + d)
 
@@ -398,12 +398,14 @@ def sr_loss(img1_sr: torch.Tensor, img1_hr: torch.Tensor, weight: torch.Tensor |
 
 
 # ---- 5. Training -------------------------------------------------------------------------------------------
-def training_step(model: nn.Module, batch, cfg: Config, device, amp: bool):
-    """One forward of E, D, G and the total loss L = lambda1 L_ED + L_RD + L_SR [Eq. 9]."""
+def training_step(model: nn.Module, batch, cfg: Config, device, amp: bool, rnd: common.StepRandom | None = None,
+                  dist: common.Dist | None = None):
+    """One forward of E, D, G and the total loss L = lambda1 L_ED + L_RD + L_SR [Eq. 9]. Under DDP the batch statistics
+    (L_ED, the KL variant) see the whole global batch of f, gathered with its gradient [ours]."""
     img1_lr, img1_hr, img2_lr, img2_hr = batch
     with common.autocast(device, amp):
         f, img1_sr, img2_lr_hat = model(img1_lr, img2_hr if cfg.use_rd else None)
-    f = f.float()
+    f = common.gather_batch(f.float(), dist or common.Dist())                    # (B, C), all ranks' samples
     terms = {}
     if cfg.use_rd:
         terms["l_rd"] = re_degradation_loss(img2_lr_hat.float(), img2_lr)
@@ -412,7 +414,7 @@ def training_step(model: nn.Module, batch, cfg: Config, device, amp: bool):
     if cfg.use_ed and cfg.kl_instead_of_ed:
         terms["l_kl"] = kl_to_standard_normal(f)
     elif cfg.use_ed:
-        t = sample_prior(cfg.ed_dist, cfg.ed_samples, f.shape[1], device)  # (m, C), fresh each step
+        t = sample_prior(cfg.ed_dist, cfg.ed_samples, f.shape[1], device, rnd and rnd.generator)  # (m, C) per step
         terms["l_ed"] = energy_distance(f, t)
     # L = lambda1 L_ED + L_RD + L_SR [Eq. 9]
     loss = sum(cfg.lambda_ed * v if k in ("l_ed", "l_kl") else v for k, v in terms.items())
@@ -426,12 +428,8 @@ def _restore(path, model, optimizer, scheduler, dist, device) -> int:
     ckpt = common.load_checkpoint(path, SCRIPT, STAGES, device=device)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    written_by = len(ckpt["rng"].get("ranks", [None]))
-    if written_by != dist.world_size and dist.is_main:
-        print(f"note: {path} was written by {written_by} process(es), this run has {dist.world_size}: the random "
-              f"degradations do not continue exactly")
-    common.set_rng_state(ckpt["rng"], dist)  # this rank's own state (each rank draws its own degradations)
+    scheduler.load_state_dict(ckpt["scheduler"])  # training draws come from StepRandom(seed, step): any world size
+    common.set_rng_state(ckpt["rng"], dist)
     return int(ckpt["step"])
 
 
@@ -455,7 +453,7 @@ def train_joint(cfg: Config, args, resume_path: Path | None) -> Path:
 def _fit_joint(cfg: Config, args, resume_path: Path | None, dist, device) -> Path:
     """E, D, G trained together with one Adam; lr halved periodically. SIGINT/SIGTERM: finish the step, write
     last.pt, return. A non-finite loss (mean over ranks) stops before backward(), last.pt untouched."""
-    common.seed_everything(cfg.seed + dist.rank)  # each rank draws its own degradations and prior samples
+    common.seed_everything(cfg.seed + dist.rank)  # rank 0 = a single process; training draws use StepRandom
     model = build_model(cfg).to(device)
     if args.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -465,7 +463,8 @@ def _fit_joint(cfg: Config, args, resume_path: Path | None, dist, device) -> Pat
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_halve_every, gamma=0.5)
     start = _restore(resume_path, model, optimizer, scheduler, dist, device) if resume_path else 0
     net = common.wrap_ddp(model, dist)
-    dataset = common.HRPatches(args.data_dir, cfg.lr_patch * cfg.scale, crops_per_item=2)
+    dataset = common.HRPatches(args.data_dir, cfg.lr_patch * cfg.scale, crops_per_item=2,
+                               augment="hvt" if cfg.augment else "")
     # step k always draws the same items, so --resume continues exactly [common]
     batches = common.infinite_batches(dataset, cfg.batch_size, device, seed=cfg.seed, start_step=start,
                                       workers=args.workers, dist=dist)
@@ -475,10 +474,11 @@ def _fit_joint(cfg: Config, args, resume_path: Path | None, dist, device) -> Pat
     with common.stop_on_signals() as flag, contextlib.closing(batches):
         for step in range(start + 1, cfg.steps + 1):
             pairs_hr = next(batches)  # (B, 2, 3, P, P)
-            kernels, noise = sample_degradations(pairs_hr.shape[0], cfg.degradation, cfg.sigma_min, cfg.sigma_max,
-                                                 cfg.noise_max, cfg.kernel_size, device)
-            batch = degrade_pairs(pairs_hr, kernels, noise, cfg.scale)
-            loss, scalars = training_step(net, batch, cfg, device, args.amp)
+            rnd = common.StepRandom(cfg.seed, step, cfg.batch_size, dist, device)  # same draws with 1 or N processes
+            kernels, noise = sample_degradations(rnd, cfg.degradation, cfg.sigma_min, cfg.sigma_max, cfg.noise_max,
+                                                 cfg.kernel_size)
+            batch = degrade_pairs(pairs_hr, kernels, noise, cfg.scale, rnd)
+            loss, scalars = training_step(net, batch, cfg, device, args.amp, rnd, dist)
             loss_mean = common.all_reduce_mean(loss.detach(), dist)  # same value on every rank: all stop together
             common.check_finite(loss_mean, step, last_good)
             optimizer.zero_grad(set_to_none=True)
@@ -704,7 +704,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", choices=tuple(PRESETS), default="paper")
     tr.add_argument("--data-dir", nargs="+", required=True, help="HR training folder(s), e.g. DIV2K + Flickr2K")
     tr.add_argument("--steps", type=common.at_least(1), help="override the number of steps")
-    tr.add_argument("--batch-size", type=common.at_least(1), help="override the batch size (items = patch pairs)")
+    tr.add_argument("--batch-size", type=common.at_least(1), help="override the global batch size (items = patch "
+                                                                   "pairs; N processes take batch / N each)")
+    tr.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                    help="flips/transposes of the HR crops (default on [ours]; the release has none: --no-augment)")
     tr.add_argument("--save-every", type=common.at_least(1), help="override the checkpoint period")
     tr.add_argument("--resume", nargs="?", const="", help="checkpoint to resume (no value: <out-dir>/last.pt)")
     tr.add_argument("--degradation", choices=DEGRADATIONS, help="iso (setting 1) or aniso_noise (setting 2)")
@@ -737,7 +740,8 @@ def config_from_args(args) -> Config:
     """Preset, then explicit flags; with --resume the checkpoint's config (only --steps may change)."""
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "save_every": args.save_every,
                  "degradation": args.degradation, "use_rd": args.rd, "use_ed": args.ed, "ed_dist": args.ed_dist,
-                 "kl_instead_of_ed": args.kl_instead_of_ed, "modulation": args.modulation, "seed": args.seed}
+                 "kl_instead_of_ed": args.kl_instead_of_ed, "modulation": args.modulation, "seed": args.seed,
+                 "augment": args.augment}
     cfg = dataclasses.replace(Config(), **PRESETS[args.preset])
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if args.rd is False and args.modulation is None:

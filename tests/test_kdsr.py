@@ -124,8 +124,8 @@ def test_student_step_estimator_only_leaves_g_without_gradient():
 # ---- degradation and schedules -----------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", kdsr.DEGRADATIONS)
 def test_degradations_are_per_sample(kind):
-    torch.manual_seed(0)
-    kernels, noise = kdsr.sample_degradations(6, kind, 0.2, 4.0, 25.0, 21, "cpu")
+    rnd = kdsr.common.StepRandom(0, 1, 6, kdsr.common.Dist(), "cpu")
+    kernels, noise = kdsr.sample_degradations(rnd, kind, 0.2, 4.0, 25.0, 21)
     assert kernels.shape == (6, 21, 21)
     torch.testing.assert_close(kernels.sum((1, 2)), torch.ones(6))
     assert len({round(k[10, 10].item(), 6) for k in kernels}) == 6  # one kernel per sample
@@ -134,7 +134,7 @@ def test_degradations_are_per_sample(kind):
         torch.testing.assert_close(kernels, kernels.transpose(1, 2))
     else:
         assert noise.shape == (6,) and 0 <= noise.min() and noise.max() <= 25 and len(set(noise.tolist())) == 6
-    img_lr = kdsr.degrade_batch(torch.rand(6, 3, 64, 64), kdsr.Config(degradation=kind))
+    img_lr = kdsr.degrade_batch(torch.rand(6, 3, 64, 64), kdsr.Config(degradation=kind), rnd)
     assert img_lr.shape == (6, 3, 16, 16)
     torch.testing.assert_close(img_lr * 255, (img_lr * 255).round())  # 8-bit quantised
 
@@ -426,3 +426,33 @@ def test_student_trains_and_resumes_under_torchrun_with_two_cpu_ranks(tiny_hr_di
     assert log_records(tmp_path / "half")[-1]["loss"] == log_records(full)[-1]["loss"]
     resumed_state = torch.load(tmp_path / "half" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(ckpt["model"][k], resumed_state[k]) for k in resumed_state)
+
+
+def test_step_random_gives_each_sample_the_same_draws_with_any_number_of_processes():
+    one = kdsr.common.StepRandom(3, 7, 4, kdsr.common.Dist(), "cpu")
+    halves = [kdsr.common.StepRandom(3, 7, 4, kdsr.common.Dist(rank, 2), "cpu") for rank in (0, 1)]
+    kernels, noise = kdsr.sample_degradations(one, "aniso_noise", 0.2, 4.0, 25.0, 21)
+    parts = [kdsr.sample_degradations(rnd, "aniso_noise", 0.2, 4.0, 25.0, 21) for rnd in halves]
+    assert torch.equal(kernels, torch.cat([k for k, _ in parts])) and torch.equal(noise, torch.cat([n for _, n in parts]))
+    other_step = kdsr.sample_degradations(kdsr.common.StepRandom(3, 8, 4, kdsr.common.Dist(), "cpu"), "aniso_noise",
+                                          0.2, 4.0, 25.0, 21)[0]
+    assert not torch.equal(kernels, other_step)
+    with pytest.raises(kdsr.common.UserError, match="--batch-size 5 is the global batch: .* multiple of the 2"):
+        kdsr.common.StepRandom(3, 7, 5, kdsr.common.Dist(0, 2), "cpu")
+
+
+def test_two_processes_compute_the_run_of_one(tiny_hr_dir, tmp_path):
+    """Global batch 4: one process, or two taking 2 each, train the same network; a resume may change the count."""
+    train = ["--stage", "teacher", "--degradation", "aniso_noise", "--data-dir", str(tiny_hr_dir), *SMOKE,
+             "--batch-size", "4"]
+    one = torch.load(kdsr.main(["train", *train, "--steps", "3", "--out-dir", str(tmp_path / "one")]),
+                     weights_only=True)["model"]
+    torchrun_probe(tmp_path, *train, "--steps", "3", "--out-dir", str(tmp_path / "two"))
+    kdsr.main(["train", *train, "--steps", "2", "--out-dir", str(tmp_path / "mixed")])          # 1 process ...
+    torchrun_probe(tmp_path, *train, "--steps", "3", "--out-dir", str(tmp_path / "mixed"), "--resume")  # ... then 2
+    for run in ("two", "mixed"):
+        state = torch.load(tmp_path / run / "last.pt", weights_only=True)["model"]
+        for key, value in one.items():
+            torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-7, msg=f"{run}: {key}")
+    assert log_records(tmp_path / "two")[-1]["loss"] == pytest.approx(log_records(tmp_path / "one")[-1]["loss"],
+                                                                       rel=1e-5)
