@@ -5,6 +5,7 @@ utilities. [P §n] cites the shared evaluation protocol (see README.md). Bicubic
 from __future__ import annotations
 
 import argparse, contextlib, csv, dataclasses, functools, hashlib, itertools, json, math, os, random, signal, sys, time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,11 +19,13 @@ from PIL import Image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 BENCHMARKS = ("Set5", "Set14", "B100", "Urban100", "Manga109")
 PROTOCOLS = ("gaussian8", "aniso_noise", "bicubic")
+HR_FOLDERS = ("HR", "GTmod12", "GT")  # the HR images of a benchmark set: ours, then BasicSR's names
 METRICS = {"psnr": "PSNR (Y)", "ssim": "SSIM (Y)", "psnr_rgb": "PSNR RGB", "ssim_rgb": "SSIM RGB",  # row key: title
            "lpips": "LPIPS"}
 
 class UserError(Exception):
-    """Bad input: the scripts print it as one line, `error: <message>`, and exit 2."""
+    """Bad input: every CLI prints it as one line `error: <message>` on stderr and exits with status 1 (cli_errors);
+    argparse's usage errors (e.g. `--steps 0`) exit with status 2."""
 
 # ---- Image IO ---------------------------------------------------------------------------------------------
 def load_uint8(path) -> np.ndarray:
@@ -48,13 +51,16 @@ def save_image(img, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_uint8(img) if torch.is_tensor(img) else img).save(path)
 
-def list_images(dirs) -> list[Path]:
-    """All image files below one or more folders (recursive, sorted per folder)."""
+def list_images(dirs, recursive: bool = True) -> list[Path]:
+    """All image files below one or more folders (sorted per folder); hidden files and folders (.ipynb_checkpoints,
+    ._name) are never images."""
     files = []
     for folder in [Path(d) for d in ([dirs] if isinstance(dirs, (str, Path)) else dirs)]:
         if not folder.is_dir():
             raise UserError(f"image folder not found: {folder} (expected a folder of {'/'.join(IMAGE_SUFFIXES)} files)")
-        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        found = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
+                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
         if not found:
             raise UserError(f"no images in {folder} (looked recursively for {'/'.join(IMAGE_SUFFIXES)} files)")
         files += found
@@ -388,6 +394,9 @@ def test_degradations(protocol: str, scale: int) -> list[tuple[str, dict]]:
         return [(f"sigma={s:.2f}", {"id": f"g{s:.4f}", "kernel": isotropic_kernels(float(s))[0], "noise": 0})
                 for s in np.linspace(*GAUSSIAN8[scale], 8)]
     if protocol == "aniso_noise":
+        if scale != 4:
+            raise UserError(f"aniso_noise is defined for x4 only (its kernels and noise levels are the x4 setting), "
+                            f"not x{scale}")
         return [(f"k{i}/n{n}", {"id": i, "noise": n, "kernel": anisotropic_kernels(l1, l2, math.radians(t))[0]})
                 for n in (0, 10, 20) for i, (l1, l2, t) in enumerate(ANISO_KERNELS, start=1)]
     if protocol == "bicubic":
@@ -395,16 +404,26 @@ def test_degradations(protocol: str, scale: int) -> list[tuple[str, dict]]:
     raise UserError(f"unknown protocol '{protocol}'; known: {', '.join(PROTOCOLS)}")
 
 def find_benchmark(data, root="datasets") -> tuple[str, list[Path]]:
-    """(set name, HR files) for a benchmark name under `root` (<root>/<Set>/HR/*.png) or a folder path."""
-    path = Path(data)
-    if path.is_dir():
-        return path.name, list_images(path / "HR" if (path / "HR").is_dir() else path)
-    folder = Path(root) / str(data) / "HR"
-    if folder.is_dir():
-        return str(data), list_images(folder)
-    known = [n for n in BENCHMARKS if (Path(root) / n / "HR").is_dir()]
-    raise UserError(f"benchmark '{data}' not found: expected {folder}/*.png (layout <data-root>/<Set>/HR/*.png, "
-                    f"names {', '.join(BENCHMARKS)}; under {root}: {', '.join(known) or 'none'}) or a folder path")
+    """(set name, HR files) of a benchmark name under `root` or a folder: its HR/, else BasicSR's GTmod12/ or GT/, else
+    its own images (not sub-folders'). The set is named alike whether given by name, folder or HR folder (the name
+    seeds each image's test degradation)."""
+    path = Path(data) if Path(data).is_dir() else Path(root) / str(data)
+    if not path.is_dir():
+        known = [n for n in BENCHMARKS if (Path(root) / n).is_dir()]
+        raise UserError(f"benchmark '{data}' not found: expected {path}/HR/*.png (layout <data-root>/<Set>/HR/*.png, "
+                        f"names {', '.join(BENCHMARKS)}; under {root}: {', '.join(known) or 'none'}) or a folder path")
+    if path.name in HR_FOLDERS:                                   # Set5/HR given: the set is Set5
+        return path.resolve().parent.name, list_images(path, recursive=False)
+    found = [name for name in HR_FOLDERS if (path / name).is_dir()]
+    if len(found) > 1 and found[0] != "HR":
+        raise UserError(f"{path} holds both {' and '.join(found)}: pass the one to score as --data {path}/{found[0]}")
+    if found:
+        return path.resolve().name, list_images(path / found[0], recursive=False)
+    if not [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]:
+        folders = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise UserError(f"no images in {path} (expected HR/, GTmod12/ or GT/, or images directly in it; found "
+                        f"folders: {', '.join(folders) or 'none'})")
+    return path.resolve().name, list_images(path, recursive=False)
 
 def eval_seed(key: str) -> int:
     """Seed = first 8 bytes of SHA-256(key), little-endian, mod 2⁶³ [P §1.5]."""
@@ -420,10 +439,13 @@ def benchmark_lr(img_hr: np.ndarray, params: dict, scale: int, key: str, device=
     return degrade(hr, params["kernel"], scale, params["noise"] or None, generator).to(device)
 
 def run_benchmark(sr_fn, data, protocol: str, scale: int, root="datasets", device="cpu", save_dir=None,
-                  limit=None) -> list[dict]:
-    """Score `sr_fn(img_lr) -> img_sr` on every (image, degradation) pair; one row each [P §3.1]."""
+                  limit=None, name: str = "") -> list[dict]:
+    """Score `sr_fn(img_lr) -> img_sr` on every (image, degradation) pair; one row each [P §3.1]. `name` labels the
+    progress lines (the model's pass or the bicubic one)."""
     set_name, files = find_benchmark(data, root)
     degradations = test_degradations(protocol, scale)
+    for path in files[:limit]:                                  # a bad image is refused before the first one runs
+        load_uint8(path)
     rows, start = [], time.perf_counter()
     for n, path in enumerate(files[:limit], start=1):
         img_hr = modcrop(load_uint8(path), scale)
@@ -438,7 +460,8 @@ def run_benchmark(sr_fn, data, protocol: str, scale: int, root="datasets", devic
                          "psnr": psnr_y(img_sr, img_hr, scale), "ssim": ssim_y(img_sr, img_hr, scale)})
             if save_dir is not None:
                 save_image(img_sr, Path(save_dir) / set_name / label.replace("/", "_") / f"{path.stem}.png")
-        print(f"  {set_name} {n}/{len(files[:limit])} {path.name} ({time.perf_counter() - start:.1f}s)", flush=True)
+        print(f"  {name + ': ' if name else ''}{set_name} {n}/{len(files[:limit])} {path.name} "
+              f"({time.perf_counter() - start:.1f}s)", flush=True)
     return rows
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -474,8 +497,9 @@ def tiled(sr_fn, scale: int, tile: int, overlap: int = 16):
         return out
     return run
 
-def report(rows: list[dict], title: str, out_dir=None) -> None:
-    """Print summary rows as a table; with `out_dir` append them (method column = title) to results.csv/.md."""
+def report(rows: list[dict], title: str, out_dir=None, model: str = "", limit=None) -> None:
+    """Print summary rows as a table; with `out_dir` append them (method column = title) to results.csv/.md, each row
+    with what was scored (`model`: checkpoint and step, or weights file), --limit when given, and the date."""
     metrics = [k for k in METRICS if k in rows[0]]
     print(f"\n{title}\n{'set':<10} {'degradation':<14}" + "".join(f" {METRICS[m]:>8}" for m in metrics) + "    n")
     for r in rows:
@@ -483,7 +507,8 @@ def report(rows: list[dict], title: str, out_dir=None) -> None:
     if out_dir is None:
         return
     (out := Path(out_dir)).mkdir(parents=True, exist_ok=True)
-    fields, kept = ["method", "set", "degradation", *METRICS, "n"], []
+    fields, kept = ["method", "set", "degradation", *METRICS, "n", "model", "limit", "date"], []
+    stamp = {"model": model, "limit": limit or "", "date": time.strftime("%Y-%m-%d %H:%M")}
     if (out / "results.csv").exists():                          # a file from before a column was added is rewritten
         with open(out / "results.csv", newline="") as f:
             kept = None if (reader := csv.DictReader(f)).fieldnames == fields else list(reader)
@@ -492,9 +517,10 @@ def report(rows: list[dict], title: str, out_dir=None) -> None:
         if kept is not None:
             writer.writeheader()
             writer.writerows(kept)
-        writer.writerows({"method": title, **r} for r in rows)
+        writer.writerows({"method": title, **r, **stamp} for r in rows)
     with open(out / "results.md", "a") as f:
-        f.write(f"\n### {title}\n\n| set | degradation | {' | '.join(METRICS[m] for m in metrics)} | n |\n"
+        f.write(f"\n### {title}\n\n{model or 'bicubic'}{f', first {limit} images' if limit else ''}, {stamp['date']}\n\n"
+                f"| set | degradation | {' | '.join(METRICS[m] for m in metrics)} | n |\n"
                 f"|---|---|{'---|' * len(metrics)}---|\n")
         f.writelines(f"| {r['set']} | {r['degradation']} | {' | '.join(f'{r[m]:.4f}' for m in metrics)} | {r['n']} |\n"
                      for r in rows)
@@ -615,7 +641,8 @@ def check_pair_sizes(pairs, scale: int) -> None:
             raise UserError(f"HR {hr} is {hr_w}x{hr_h}, LR {lr} is {w}x{h}; expected HR {scale * w}x{scale * h} "
                             f"(+ up to {scale - 1} px per side): {hint}")
 
-def run_paired(sr_fn, lr_dir, hr_dir, scale: int, device, lpips=None, save_dir=None, limit=None) -> list[dict]:
+def run_paired(sr_fn, lr_dir, hr_dir, scale: int, device, lpips=None, save_dir=None, limit=None,
+               name: str = "") -> list[dict]:
     """Per pair: Y PSNR/SSIM [P §4], RGB PSNR/SSIM (shave = scale) and LPIPS (whole SR vs modcropped HR, as the KDSR
     release scores it). The set is the LR folder's name (a bare scale folder: parent-scale, RealSR Test/4 -> Test-4)."""
     pairs = paired_files(lr_dir, hr_dir, scale)[:limit]
@@ -636,7 +663,8 @@ def run_paired(sr_fn, lr_dir, hr_dir, scale: int, device, lpips=None, save_dir=N
             rows[-1]["lpips"] = lpips(pair[:1], pair[1:]).item()
         if save_dir is not None:
             save_image(img_sr, Path(save_dir) / set_name / f"{lr.stem}.png")
-        print(f"  {set_name} {n}/{len(pairs)} {lr.name} ({time.perf_counter() - start:.1f}s)", flush=True)
+        print(f"  {name + ': ' if name else ''}{set_name} {n}/{len(pairs)} {lr.name} "
+              f"({time.perf_counter() - start:.1f}s)", flush=True)
     return rows
 
 def super_resolve_folder(sr_fn, lr_dir, out_dir, device, limit=None) -> list[Path]:
@@ -646,12 +674,7 @@ def super_resolve_folder(sr_fn, lr_dir, out_dir, device, limit=None) -> list[Pat
     targets = [out_dir / p.relative_to(lr_dir).with_suffix(".png") for p in files]
     if out_dir == lr_dir or lr_dir in out_dir.parents:
         raise UserError(f"output folder {out_dir} is in the LR folder {lr_dir}: inputs would be overwritten or re-read")
-    try:  # writable, before the first image
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (probe := out_dir / f".write-test-{os.getpid()}").touch()
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write to {out_dir}: {err.strerror}") from None
+    writable_dir(out_dir)                                       # before the first image
     for n, (path, target) in enumerate(zip(files, targets), start=1):
         with torch.no_grad():
             save_image(sr_fn(load_image(path)[None].to(device)), target)
@@ -804,10 +827,14 @@ def load_checkpoint(path, script: str, stages=None, device="cpu") -> dict:
     """Load one of our checkpoints; a clear UserError for a missing file, foreign file, script or stage."""
     if not Path(path).is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if Path(path).stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes): an interrupted copy? Use an earlier checkpoint")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception:  # noqa: BLE001 - anything torch cannot unpickle safely is not one of our checkpoints
-        ckpt = None
+    except Exception as err:  # noqa: BLE001 - anything torch cannot unpickle safely is not one of our checkpoints
+        if not zipfile.is_zipfile(path):                        # torch.save writes zip archives: cut short or not one
+            raise UserError(f"{path} is corrupt, truncated or not a torch file: torch cannot read it") from None
+        ckpt = None                                             # a torch file, holding objects ours never do
     if not isinstance(ckpt, dict) or "script" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of these scripts (official weights: --official-weights)") from None
     if ckpt["script"] != script:
@@ -816,10 +843,22 @@ def load_checkpoint(path, script: str, stages=None, device="cpu") -> dict:
         raise UserError(f"{path} is a '{ckpt.get('stage')}' checkpoint; expected stage {' or '.join(stages)}")
     return ckpt
 
+def writable_dir(path) -> Path:
+    """`path`, created if needed and checked writable before any work starts (a UserError otherwise)."""
+    try:
+        (path := Path(path)).mkdir(parents=True, exist_ok=True)
+        (probe := path / f".write-test-{os.getpid()}").touch()
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to {path}: {err.strerror}") from None
+    return path
+
 def read_weights(path, expected: str) -> dict:
     """The dict in a user-supplied weights file (never downloaded), or one UserError line saying what was expected."""
     if not path or not Path(path).is_file():
         raise UserError(f"weights file not found: {path} (expected {expected})")
+    if Path(path).stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes): expected {expected}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad user file
@@ -864,9 +903,19 @@ def convert_official(state: dict, ours: dict, table: dict[str, str]) -> dict:
             raise UserError(f"{what} ({len(bad)}): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     return converted
 
-def resumed(path, script: str, stages, steps: int | None) -> dict:
-    """The checkpoint --resume continues, its config's steps replaced by --steps; a UserError if none are left."""
+def resumed(path, script: str, stages, steps: int | None, flags: dict | None = None, names: dict | None = None) -> dict:
+    """The checkpoint --resume continues, its config's steps replaced by --steps; a UserError if none are left, or if
+    an explicit flag ({config field: value}, None = not given; `names`: {field: flag} where they differ) disagrees
+    with the checkpoint's configuration."""
     ckpt = load_checkpoint(path, script, stages)
+    def flag(field, value):
+        name = (names or {}).get(field, field.replace("_", "-"))
+        return f"--{'no-' * (value is False)}{name}" if isinstance(value, bool) else f"--{name} {value}"
+    differ = [f"{flag(k, v)} (checkpoint: {ckpt['config'][k]})" for k, v in (flags or {}).items()
+              if v is not None and k in ckpt["config"] and ckpt["config"][k] != v]
+    if differ:
+        raise UserError(f"--resume continues {path} with its own configuration, only --steps may change; drop "
+                        f"{', '.join(differ)}")
     ckpt["config"]["steps"] = total = steps or ckpt["config"]["steps"]
     if ckpt["step"] >= total:
         raise UserError(f"{path} is already at step {ckpt['step']} of {total}: give --steps N > {ckpt['step']}")
@@ -902,10 +951,14 @@ def check_finite(loss: torch.Tensor, step: int, last_good) -> None:
                         f"(lower the learning rate or disable --amp, then --resume)")
 
 class RunLog:
-    """One fixed-format progress line per call, and the same record appended to <out_dir>/log.jsonl."""
-    def __init__(self, out_dir, total_steps: int, enabled: bool = True, start_step: int = 0):
+    """One fixed-format progress line per call, and the same record appended to <out_dir>/log.jsonl; given the global
+    batch and the processes, a first line says how the batch is shared."""
+    def __init__(self, out_dir, total_steps: int, enabled: bool = True, start_step: int = 0, batch=None, dist=None):
         self.path, self.total, self.enabled = Path(out_dir) / "log.jsonl", total_steps, enabled
         self.last_step, self.last_time = start_step, time.perf_counter()
+        if enabled and batch is not None:
+            world = dist.world_size if dist is not None else 1
+            print(f"global batch {batch} = {world} process{'es' if world > 1 else ''} x {batch // world}", flush=True)
     def log(self, step: int, stage: str, **scalars) -> None:
         now = time.perf_counter()
         ms_per_it = 1000 * (now - self.last_time) / max(step - self.last_step, 1)
@@ -919,6 +972,14 @@ class RunLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps({"stage": stage, "step": step, **scalars, "ms_per_it": ms_per_it}) + "\n")
+
+@contextlib.contextmanager
+def cli_errors():
+    """`with cli_errors():` around a CLI's work: the one exit path for bad input (see UserError)."""
+    try:
+        yield
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
 
 def at_least(low, kind=int):
     """argparse type of a numeric flag >= low: `--steps 0` is one usage line, never a traceback later on."""
@@ -980,15 +1041,13 @@ def main(argv=None) -> None:
     degrade.add_argument("--scale", type=at_least(2), default=4, help="default 4")
     degrade.add_argument("--seed", type=int, default=0, help="with the file name, seeds each image's draw (default 0)")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors():
         if args.command == "realesrgan":
             return degrade_folder(args.hr_dir, args.out, args.scale, args.seed)
         for data in args.data:
             rows = summarize(run_benchmark(bicubic_sr(args.scale), data, args.protocol, args.scale,
                                            args.data_root, limit=args.limit))
             report(rows, f"Bicubic x{args.scale} {args.protocol}", args.out_dir)
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

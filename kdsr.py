@@ -82,9 +82,9 @@ class Config:
     sigma_min: float = 0.2               # [Sec. 4.1] iso sigma, aniso lambda1/lambda2 ~ U[0.2, 4.0]
     sigma_max: float = 4.0               # [Sec. 4.1]
     noise_max: float = 25.0              # [Sec. 4.1] sigma_n ~ U[0, 25] (0-255 scale), aniso_noise only
-    # model (size M; PRESETS["L"] for size L)
+    # model (size M; SIZES["L"] for size L)
     size: str = "M"                      # [Tab. 1] label only
-    n_feats: int = 64                    # [Tab. 1] C
+    n_feats: int = 64                    # [official code] C (Tab. 1 names the sizes, the release scripts set C/N/R)
     n_blocks: int = 53                   # [official code] N IDR-DCRBs
     n_resblocks: int = 9                 # [official code] R estimator residual blocks
     # losses
@@ -108,6 +108,7 @@ class Config:
     joint_halve_every: int = 125         # [official code]
     student_learning_rate: float = 1e-4  # [Sec. 4.1] student (iso, aniso joint phase)
     steps: int = 0                       # [ours] 0: the stage's full schedule; else stop at this step
+    preset: str = "paper"                # [ours] the preset the run started from (a label --resume checks)
     # real-world track (--degradation realesrgan, Sec. 4.4); REALWORLD below sets the KDSR-GAN values
     hr_crop: int = 400                   # [official code] GT crop the Real-ESRGAN pipeline degrades (LR 100)
     pool_size: int = 180                 # [official code] training-pair pool per process
@@ -120,8 +121,8 @@ class Config:
     adv_weight: float = 1.0              # [official code, DEV] paper: lambda_adv 0.1 (author: 1, issue #1)
 
 
-SIZES = {"M": {"size": "M", "n_feats": 64, "n_blocks": 53, "n_resblocks": 9},     # KDSR_S-M [Tab. 1]
-         "L": {"size": "L", "n_feats": 128, "n_blocks": 28, "n_resblocks": 5}}    # KDSR_S-L [Tab. 1]
+SIZES = {"M": {"size": "M", "n_feats": 64, "n_blocks": 53, "n_resblocks": 9},     # KDSR_S-M [official code]
+         "L": {"size": "L", "n_feats": 128, "n_blocks": 28, "n_resblocks": 5}}    # KDSR_S-L [official code]
 # KDSR-GAN's release [official code] (C 128, N 42, R 6: 18,846,107 parameters); schedules count iterations,
 # so one "epoch" is one iteration here. Paper values differ where tagged DEV in Config and the README.
 REALWORLD = {"size": "GAN", "n_feats": 128, "n_blocks": 42, "n_resblocks": 6, "batch_size": 48, "beta2": 0.99,
@@ -544,6 +545,7 @@ def fit(cfg: Config, args, stage: str, model: KDSR, step_fn, resume: Path | None
     checkpoints. SIGINT/SIGTERM: finish the step, write last.pt, return. A non-finite loss stops before its update."""
     state = _training_state(cfg, model, disc)
     start = _restore(resume, state, stage, dist, device) if resume else 0
+    common.writable_dir(args.out_dir)                               # before the data is read
     net = common.wrap_ddp(model, dist, find_unused=find_unused)
     disc_net = common.wrap_ddp(disc, dist) if disc is not None else None
     real = cfg.degradation == "realesrgan"  # GT crops of 400 (padded if smaller), h-flip only [official code]
@@ -552,7 +554,8 @@ def fit(cfg: Config, args, stage: str, model: KDSR, step_fn, resume: Path | None
     batches = common.infinite_batches(dataset, cfg.batch_size, device, seed=cfg.seed, start_step=start,
                                       workers=args.workers, dist=dist)  # step k always sees the same crops
     steps, out_dir = total_steps(cfg, stage), Path(args.out_dir)
-    log, last = common.RunLog(out_dir, steps, enabled=dist.is_main, start_step=start), out_dir / "last.pt"
+    log = common.RunLog(out_dir, steps, enabled=dist.is_main, start_step=start, batch=cfg.batch_size, dist=dist)
+    last = out_dir / "last.pt"
     last_good, step = resume or "(none written yet)", start  # what the non-finite-loss error points to
 
     def check(loss: torch.Tensor) -> torch.Tensor:  # the mean over ranks: all ranks stop together, before the update
@@ -681,16 +684,17 @@ def train_student_gan(cfg: Config, args, resume: Path | None) -> Path:
 
 
 # ---- 6. Evaluation -----------------------------------------------------------------------------------------
-def load_for_inference(args, device) -> tuple[KDSR, Config, str]:
-    """A student from our checkpoint (config inside; its EMA weights when kept) or from released weights."""
+def load_for_inference(args, device) -> tuple[KDSR, Config, str, str]:
+    """A student from our checkpoint (config inside; its EMA weights when kept) or from released weights; (model,
+    cfg, table name, source: the file and its step, for the results rows)."""
     if bool(args.ckpt) == bool(args.official_weights):
         raise common.UserError("give exactly one of --ckpt FILE (from `train`) or --official-weights FILE")
     if args.official_weights:
         model, cfg = load_official(args.official_weights, args.param_key)
-        stage = "official"
+        stage, source = "official", f"{args.official_weights} (released, {args.param_key})"
     else:
         ckpt = common.load_checkpoint(args.ckpt, SCRIPT, STAGES, device="cpu")
-        cfg, stage = Config(**ckpt["config"]), ckpt["stage"]
+        cfg, stage, source = Config(**ckpt["config"]), ckpt["stage"], f"{args.ckpt} (step {ckpt['step']})"
         model = build_model(cfg, teacher=stage == "teacher")
         model.load_state_dict(weights(ckpt))
     if args.scale != cfg.scale:  # before anything runs
@@ -701,7 +705,7 @@ def load_for_inference(args, device) -> tuple[KDSR, Config, str]:
                                "so it cannot super-resolve an LR image alone; evaluate a student checkpoint")
     real = cfg.degradation == "realesrgan"
     name = f"KDSR_S-{cfg.size}" if not real else ("KDSR_S-rec" if stage == "student" else "KDSR_S-GAN")
-    return model.to(device).eval(), cfg, name
+    return model.to(device).eval(), cfg, name, source
 
 
 def evaluate(args) -> list[dict]:
@@ -710,9 +714,11 @@ def evaluate(args) -> list[dict]:
     device = common.pick_device(args.device)
     common.check_paired_args(args)
     lpips = common.load_lpips(*args.lpips_weights, not args.lpips_unverified, device) if args.lpips_weights else None
-    model, cfg, name = load_for_inference(args, device)
+    model, cfg, name, source = load_for_inference(args, device)
     name += f" tile{args.tile}" if args.tile else ""
-    out_dir = Path(args.out_dir)
+    out_dir = common.writable_dir(args.out_dir)                      # all checked before the first image
+    for data in [] if args.lr_dir else args.data:
+        common.find_benchmark(data, args.data_root)
     save_dir = out_dir / "images" if args.save_images else None
 
     @torch.no_grad()
@@ -730,13 +736,14 @@ def evaluate(args) -> list[dict]:
         for method, fn in ((name, sr_fn), ("bicubic", common.bicubic_sr(args.scale))):
             if args.lr_dir:
                 rows = common.run_paired(fn, args.lr_dir, args.hr_dir, args.scale, device, lpips,
-                                         save_dir if fn is sr_fn else None, args.limit)
+                                         save_dir if fn is sr_fn else None, args.limit, method)
             else:
                 rows = common.run_benchmark(fn, data, args.protocol, args.scale, root=args.data_root, device=device,
-                                            save_dir=save_dir if fn is sr_fn else None, limit=args.limit)
+                                            save_dir=save_dir if fn is sr_fn else None, limit=args.limit, name=method)
             table = common.summarize(rows)
             protocol = "paired" if args.lr_dir else args.protocol
-            common.report(table, f"{method} x{args.scale} {protocol} {table[0]['set']}", out_dir)
+            common.report(table, f"{method} x{args.scale} {protocol} {table[0]['set']}", out_dir,
+                          source if fn is sr_fn else "", args.limit)
             summary += table if fn is sr_fn else []
     print(f"\nresults: {out_dir / 'results.md'}")
     return summary
@@ -769,7 +776,7 @@ def draw_scatter(reps: torch.Tensor, sigmas: list[float], path: Path, size: int 
 def embed(args) -> Path:
     """Student IDR D of LR images made with several isotropic sigmas, PCA to 2-D, coloured by sigma [Fig. 6]."""
     device = common.pick_device(args.device)
-    model, cfg, _ = load_for_inference(args, device)
+    model, cfg, _, _ = load_for_inference(args, device)
     reps, labels = [], []
     for data in args.data:
         set_name, paths = common.find_benchmark(data, args.data_root)
@@ -877,7 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(Tab. 3); default iso, a student's: its teacher's")
     tr.add_argument("--size", choices=tuple(SIZES), help="KDSR-M or KDSR-L [Tab. 1]; default M (real-world: C 128, "
                                                         "N 42, R 6)")
-    tr.add_argument("--preset", choices=tuple(PRESETS), default="paper")
+    tr.add_argument("--preset", choices=tuple(PRESETS), help="paper (default) or smoke (a tiny model for trials)")
     tr.add_argument("--steps", type=common.at_least(1), help="stop at this step (default: the stage's full schedule)")
     tr.add_argument("--batch-size", type=common.at_least(1), help="override the global batch size (N processes "
                                                                    "take batch / N each)")
@@ -929,10 +936,12 @@ def config_from_args(args, resume: Path | None) -> Config:
     """paper defaults <- --size <- real-world recipe <- --preset <- explicit flags. A student takes its teacher's
     degradation (a different --degradation is an error); student-gan continues the student's config; --resume
     continues the checkpoint's config (only --steps may change)."""
+    flags = {"batch_size": args.batch_size, "save_every": args.save_every, "seed": args.seed, "preset": args.preset,
+             "teacher_usm": args.teacher_usm, "degradation": args.degradation, "size": args.size}
     if resume is not None:
-        return Config(**common.resumed(resume, SCRIPT, (args.stage,), args.steps)["config"])
-    explicit = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "save_every": args.save_every,
-                                  "seed": args.seed, "teacher_usm": args.teacher_usm}.items() if v is not None}
+        return Config(**common.resumed(resume, SCRIPT, (args.stage,), args.steps, flags)["config"])
+    explicit = {k: v for k, v in {**flags, "steps": args.steps, "degradation": None, "size": None}.items()
+                if v is not None}
     if args.stage == "student-gan":
         cfg = Config(**common.load_checkpoint(args.student_ckpt, SCRIPT, ("student",))["config"])
         if cfg.degradation != "realesrgan" or args.size or args.degradation not in (None, cfg.degradation):
@@ -948,13 +957,13 @@ def config_from_args(args, resume: Path | None) -> Config:
         degradation = parent
     degradation = degradation or "iso"
     cfg = dataclasses.replace(Config(), **{**SIZES[args.size or "M"], **(REALWORLD if degradation == "realesrgan"
-                                                                          else {}), **PRESETS[args.preset]})
+                                                                          else {}), **PRESETS[args.preset or "paper"]})
     return dataclasses.replace(cfg, **(SIZES[args.size] if args.size else {}), **explicit, degradation=degradation)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
+    with common.cli_errors():
         if args.command == "train":
             args.out_dir = args.out_dir or f"runs/{SCRIPT}/{args.stage}"
             resume = Path(args.resume or Path(args.out_dir) / "last.pt") if args.resume is not None else None
@@ -968,8 +977,6 @@ def main(argv=None):
             return evaluate(args)
         args.out = args.out or str(Path(args.out_dir) / "embed.png")
         return embed(args)
-    except common.UserError as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class Config:
     sigma_max: float = 4.0           # [Sec. 4.1]
     noise_max: float = 25.0          # [Sec. 4.1] sigma_n ~ U[0, 25] (release config: 30)
     # model
-    rep_dim: int = 64                # [Sec. 3.2.1] C, size of f
+    rep_dim: int = 64                # [official code] C, size of f (Sec. 3.2.1 names C, not its value)
     enc_width: int = 64              # [official code] encoder widths w, w, 2w, 2w, 4w, C
     n_feats: int = 64                # [official code] generator / degrader width (= code size)
     n_groups: int = 5                # [official code] DA groups in G
@@ -97,6 +97,7 @@ class Config:
     beta2: float = 0.999             # [Sec. 4.1]
     steps: int = 216_000             # [Sec. 4.1] 1000 epochs x 216 it (3450 DF2K images / 16)
     lr_halve_every: int = 43_200     # [Sec. 4.1] halve every 200 epochs
+    preset: str = "paper"            # [ours] the preset the run started from (a label --resume checks)
 
 
 PRESETS = {
@@ -462,6 +463,7 @@ def _fit_joint(cfg: Config, args, resume_path: Path | None, dist, device) -> Pat
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_halve_every, gamma=0.5)
     start = _restore(resume_path, model, optimizer, scheduler, dist, device) if resume_path else 0
+    common.writable_dir(args.out_dir)                               # before the data is read
     net = common.wrap_ddp(model, dist)
     dataset = common.HRPatches(args.data_dir, cfg.lr_patch * cfg.scale, crops_per_item=2,
                                augment="hvt" if cfg.augment else "")
@@ -469,7 +471,7 @@ def _fit_joint(cfg: Config, args, resume_path: Path | None, dist, device) -> Pat
     batches = common.infinite_batches(dataset, cfg.batch_size, device, seed=cfg.seed, start_step=start,
                                       workers=args.workers, dist=dist)
     out_dir = Path(args.out_dir)
-    log = common.RunLog(out_dir, cfg.steps, enabled=dist.is_main, start_step=start)
+    log = common.RunLog(out_dir, cfg.steps, enabled=dist.is_main, start_step=start, batch=cfg.batch_size, dist=dist)
     last, last_good = out_dir / "last.pt", resume_path or "(none written yet)"
     with common.stop_on_signals() as flag, contextlib.closing(batches):
         for step in range(start + 1, cfg.steps + 1):
@@ -524,8 +526,12 @@ def evaluate(args) -> list[dict]:
     """Benchmark loop of protocol.md (Gaussian8, aniso+noise, bicubic) plus the bicubic reference row."""
     device = common.pick_device(args.device)
     model, cfg = load_for_inference(args, device)
-    name = f"ReDSR x{args.scale}" + (f" tile{args.tile}" if args.tile else "")
-    out_dir = Path(args.out_dir)
+    name = "ReDSR" + (f" tile{args.tile}" if args.tile else "")
+    source = f"{args.ckpt} (step {common.load_checkpoint(args.ckpt, SCRIPT)['step']})" if args.ckpt else \
+        f"{args.official_weights} (released)"
+    out_dir = common.writable_dir(args.out_dir)                      # all checked before the first image
+    for data in args.data:
+        common.find_benchmark(data, args.data_root)
 
     @torch.no_grad()
     def whole_image_sr(img_lr):
@@ -538,14 +544,16 @@ def evaluate(args) -> list[dict]:
     save_dir = out_dir / "images" if args.save_images else None
     for data in args.data:
         rows = common.run_benchmark(sr_fn, data, args.protocol, args.scale, root=args.data_root, device=device,
-                                    save_dir=save_dir, limit=args.limit)
+                                    save_dir=save_dir, limit=args.limit, name=name)
         method = common.summarize(rows)
-        common.report(method, f"{name} {args.protocol} {data}", out_dir)
+        set_name = method[0]["set"]
+        common.report(method, f"{name} x{args.scale} {args.protocol} {set_name}", out_dir, source, args.limit)
         ref = common.summarize(common.run_benchmark(common.bicubic_sr(args.scale), data, args.protocol,
                                                     args.scale, root=args.data_root, device=device,
-                                                    limit=args.limit))
-        common.report(ref, f"bicubic x{args.scale} {args.protocol} {data}", out_dir)
+                                                    limit=args.limit, name="bicubic"))
+        common.report(ref, f"bicubic x{args.scale} {args.protocol} {set_name}", out_dir, "", args.limit)
         summary += method
+    print(f"\nresults: {out_dir / 'results.md'}")
     return summary
 
 
@@ -701,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="joint training of E, D and G [Sec. 4.1]")
     tr.add_argument("--stage", choices=STAGES, default="joint")
-    tr.add_argument("--preset", choices=tuple(PRESETS), default="paper")
+    tr.add_argument("--preset", choices=tuple(PRESETS), help="paper (default), large (ReDSR-L) or smoke")
     tr.add_argument("--data-dir", nargs="+", required=True, help="HR training folder(s), e.g. DIV2K + Flickr2K")
     tr.add_argument("--steps", type=common.at_least(1), help="override the number of steps")
     tr.add_argument("--batch-size", type=common.at_least(1), help="override the global batch size (items = patch "
@@ -736,13 +744,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def explicit_flags(args) -> dict:
+    """{config field: value} of the flags given on the command line (None: not given), --steps aside."""
+    return {"batch_size": args.batch_size, "save_every": args.save_every, "degradation": args.degradation,
+            "use_rd": args.rd, "use_ed": args.ed, "ed_dist": args.ed_dist, "kl_instead_of_ed": args.kl_instead_of_ed,
+            "modulation": args.modulation, "seed": args.seed, "augment": args.augment, "preset": args.preset}
+
+
 def config_from_args(args) -> Config:
     """Preset, then explicit flags; with --resume the checkpoint's config (only --steps may change)."""
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "save_every": args.save_every,
-                 "degradation": args.degradation, "use_rd": args.rd, "use_ed": args.ed, "ed_dist": args.ed_dist,
-                 "kl_instead_of_ed": args.kl_instead_of_ed, "modulation": args.modulation, "seed": args.seed,
-                 "augment": args.augment}
-    cfg = dataclasses.replace(Config(), **PRESETS[args.preset])
+    overrides = {**explicit_flags(args), "steps": args.steps}
+    cfg = dataclasses.replace(Config(), **PRESETS[args.preset or "paper"])
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if args.rd is False and args.modulation is None:
         cfg.modulation = False  # Tab. 2 Models 1 and 3: no degrader, hence no modulation
@@ -751,14 +763,15 @@ def config_from_args(args) -> Config:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
+    with common.cli_errors():
         if args.command == "train":
             args.out_dir = args.out_dir or f"runs/{SCRIPT}/{args.stage}"
             cfg = config_from_args(args)
             resume = None
             if args.resume is not None:
                 resume = Path(args.resume or Path(args.out_dir) / "last.pt")
-                cfg = Config(**common.resumed(resume, SCRIPT, STAGES, args.steps)["config"])
+                cfg = Config(**common.resumed(resume, SCRIPT, STAGES, args.steps, explicit_flags(args),
+                                              {"use_rd": "rd", "use_ed": "ed"})["config"])
             check_config(cfg)
             return train_joint(cfg, args, resume)
         args.out_dir = args.out_dir or f"runs/{SCRIPT}/{args.command}"
@@ -766,8 +779,6 @@ def main(argv=None):
             return evaluate(args)
         args.out = args.out or str(Path(args.out_dir) / "embed.png")
         return embed(args)
-    except common.UserError as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny synthetic image folders and the optional ../shared benchmarks."""
+"""Shared fixtures: tiny synthetic image folders, the checkpoint listings this checkout carries (tests/manifests) and
+the real benchmark images, found through BLINDSR_DATA or the README's datasets/ layout (skipped when absent)."""
+import os
 import sys
 from pathlib import Path
 
@@ -8,9 +10,27 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+MANIFESTS = REPO / "tests" / "manifests"   # key<TAB>shape of the authors' released checkpoints (our own listing)
 sys.path.insert(0, str(REPO))
 torch.set_num_threads(1)  # small smoke models: threads cost more than they give
+
+
+def benchmark_dir() -> Path | None:
+    """<dir>/<Set>/HR/*.png for Set5 and Set14: $BLINDSR_DATA if set, else datasets/ in the checkout."""
+    folder = Path(os.environ.get("BLINDSR_DATA") or REPO / "datasets")
+    return folder if (folder / "Set5" / "HR").is_dir() and (folder / "Set14" / "HR").is_dir() else None
+
+
+REAL_IMAGE_TESTS = {"ran": 0, "skipped": 0}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line: how many tests on the real benchmark images ran, or why they were skipped."""
+    ran, skipped = REAL_IMAGE_TESTS["ran"], REAL_IMAGE_TESTS["skipped"]
+    where = benchmark_dir()
+    terminalreporter.write_line(f"real-image tests: {ran} ran on {where}" if where else
+                                f"real-image tests: {skipped} skipped: no Set5/HR and Set14/HR under $BLINDSR_DATA "
+                                f"or {REPO / 'datasets'} (see README, Data)")
 
 
 def synthetic_image(seed: int, height: int, width: int) -> np.ndarray:
@@ -28,17 +48,24 @@ def synthetic_image(seed: int, height: int, width: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def shared():
-    """Path to ../shared, or skip the test when it is absent."""
-    if not (SHARED / "benchmarks" / "Set5" / "HR").is_dir():
-        pytest.skip("../shared/benchmarks not present")
-    return SHARED
+def shared(tmp_path_factory):
+    """The data a test may read besides the code: <this>/manifests (the listings the checkout carries) and
+    <this>/benchmarks (the real images, when present: use bench_root to skip without them)."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "manifests").symlink_to(MANIFESTS, target_is_directory=True)
+    if benchmark_dir() is not None:
+        (root / "benchmarks").symlink_to(benchmark_dir(), target_is_directory=True)
+    return root
 
 
-@pytest.fixture(scope="session")
-def bench_root(shared):
-    """A --data-root holding the real Set5 and Set14 (<root>/<Set>/HR/*.png)."""
-    return shared / "benchmarks"
+@pytest.fixture
+def bench_root():
+    """A --data-root holding the real Set5 and Set14 (<root>/<Set>/HR/*.png), or skip this test."""
+    if benchmark_dir() is None:
+        REAL_IMAGE_TESTS["skipped"] += 1
+        pytest.skip("real benchmark images not found: set BLINDSR_DATA or fill datasets/<Set>/HR")
+    REAL_IMAGE_TESTS["ran"] += 1
+    return benchmark_dir()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""common.py: protocol numbers (../shared/specs/protocol.md), primitives, errors, checkpoints, DDP."""
+"""common.py: protocol numbers (README, Evaluation protocol), primitives, errors, checkpoints, DDP."""
 import json
 import math
 import os
@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import common
-from conftest import REPO, SHARED, synthetic_image
+from conftest import REPO, synthetic_image
 
-ORACLE = SHARED / "specs" / "oracle"
+ORACLE = REPO.parent / "shared" / "specs" / "oracle"  # optional cross-check: the recipe below is the reference
 
 
 # ---- Metrics ----------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def test_baseline_cli_prints_table_and_writes_results(bench_root, tmp_path, caps
                  "--out-dir", str(tmp_path), "--limit", "1"])
     out = capsys.readouterr().out
     assert "sigma=1.80" in out and "sigma=3.20" in out and "mean" in out
-    assert (tmp_path / "results.csv").read_text().startswith("method,set,degradation,psnr,ssim,psnr_rgb,ssim_rgb,lpips,n")
+    assert (tmp_path / "results.csv").read_text().startswith("method,set,degradation,psnr,ssim,psnr_rgb,ssim_rgb,lpips,n,model,limit,date")
     assert "| Set5 | mean |" in (tmp_path / "results.md").read_text()
 
 
@@ -268,15 +268,24 @@ def test_runlog_and_results_files(tmp_path, capsys):
     record = json.loads((tmp_path / "log.jsonl").read_text())
     assert record["loss"] == 0.5 and record["step"] == 5
     rows = [{"set": "Set5", "degradation": "mean", "psnr": 30.0, "ssim": 0.9, "n": 5}]
-    common.report(rows, "ours", tmp_path)
-    common.report(rows, "bicubic", tmp_path)
+    common.report(rows, "ours", tmp_path, "runs/a/last.pt (step 10)")
+    common.report(rows, "bicubic", tmp_path, limit=2)
     common.report([{**rows[0], "psnr_rgb": 28.0, "ssim_rgb": 0.8}], "ours rgb", tmp_path)
     out = capsys.readouterr().out
     assert "set        degradation    PSNR (Y) SSIM (Y)    n\nSet5       mean            30.0000   0.9000    5" in out
     assert "PSNR (Y) SSIM (Y) PSNR RGB SSIM RGB    n\nSet5       mean            30.0000   0.9000  28.0000   0.8000" in out
-    assert (tmp_path / "results.csv").read_text().splitlines() == [
-        "method,set,degradation,psnr,ssim,psnr_rgb,ssim_rgb,lpips,n", "ours,Set5,mean,30.0,0.9,,,,5",
-        "bicubic,Set5,mean,30.0,0.9,,,,5", "ours rgb,Set5,mean,30.0,0.9,28.0,0.8,,5"]
+    lines = (tmp_path / "results.csv").read_text().splitlines()
+    today = __import__("time").strftime("%Y-%m-%d")
+    assert [line.rsplit(",", 1)[0] for line in lines] == [  # each row: what was scored, --limit, then the date
+        "method,set,degradation,psnr,ssim,psnr_rgb,ssim_rgb,lpips,n,model,limit",
+        "ours,Set5,mean,30.0,0.9,,,,5,runs/a/last.pt (step 10),", "bicubic,Set5,mean,30.0,0.9,,,,5,,2",
+        "ours rgb,Set5,mean,30.0,0.9,28.0,0.8,,5,,"] and all(line.split(",")[-1].startswith(today) for line in lines[1:])
+    # a results.csv written before the model/limit/date columns is rewritten with them, its rows kept
+    (old := tmp_path / "old").mkdir()
+    (old / "results.csv").write_text("method,set,degradation,psnr,ssim,psnr_rgb,ssim_rgb,n\nx,Set5,mean,1.0,0.5,,,5\n")
+    common.report(rows, "ours", old)
+    assert [line.split(",")[:4] for line in (old / "results.csv").read_text().splitlines()] == [
+        ["method", "set", "degradation", "psnr"], ["x", "Set5", "mean", "1.0"], ["ours", "Set5", "mean", "30.0"]]
     md = (tmp_path / "results.md").read_text()
     assert md.count("| Set5 | mean | 30.0000 | 0.9000 | 5 |") == 2 and "| Set5 | mean | 30.0000 | 0.9000 | 28.0000 | 0.8000 | 5 |" in md
 
@@ -337,3 +346,66 @@ def test_torchrun_one_rank_failing_ends_the_run(tiny_hr_dir):
                              str(REPO / "tests" / "ddp_probe.py"), str(tiny_hr_dir), "fail-on-rank-1"],
                             capture_output=True, text=True, timeout=90, env=env)
     assert result.returncode != 0 and "rank 1 failed" in result.stderr
+
+
+def test_a_set_is_named_alike_by_name_folder_or_hr_folder(tiny_bench_root):
+    """The set name seeds every noisy test image: Tiny, <root>/Tiny and <root>/Tiny/HR give identical rows."""
+    spellings = ["Tiny", str(tiny_bench_root / "Tiny"), str(tiny_bench_root / "Tiny" / "HR")]
+    runs = [common.run_benchmark(common.bicubic_sr(4), data, "aniso_noise", 4, tiny_bench_root, limit=1)
+            for data in spellings]
+    assert runs[0] == runs[1] == runs[2] and {r["set"] for r in runs[2]} == {"Tiny"}
+
+
+def test_basicsr_benchmark_layout_and_hidden_files(tmp_path):
+    """Set5/GTmod12 + Set5/LRbicx4: only the GT images are scored; hidden files and folders are never images."""
+    from PIL import Image
+    for folder, size in (("GTmod12", 48), ("LRbicx4", 12)):
+        (tmp_path / "Set5" / folder).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(synthetic_image(i, size, size)).save(tmp_path / "Set5" / folder / f"im{i}.png")
+    (tmp_path / "Set5" / "GTmod12" / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(synthetic_image(9, 48, 48)).save(tmp_path / "Set5" / "GTmod12" / ".ipynb_checkpoints" / "im0.png")
+    (tmp_path / "Set5" / "GTmod12" / "._im0.png").write_bytes(b"AppleDouble")
+    name, files = common.find_benchmark(tmp_path / "Set5")
+    assert name == "Set5" and [f.name for f in files] == ["im0.png", "im1.png"]
+    assert common.find_benchmark("Set5", tmp_path)[1] == files
+    rows = common.run_benchmark(common.bicubic_sr(4), tmp_path / "Set5", "bicubic", 4)
+    assert len(rows) == 2 and all(r["set"] == "Set5" for r in rows)
+    (tmp_path / "Set5" / "GT").mkdir()
+    with pytest.raises(common.UserError, match="holds both GTmod12 and GT"):
+        common.find_benchmark(tmp_path / "Set5")
+    (tmp_path / "only_subfolders" / "a").mkdir(parents=True)
+    with pytest.raises(common.UserError, match=r"no images in .*only_subfolders .*found folders: a\)"):
+        common.find_benchmark(tmp_path / "only_subfolders")
+
+
+def test_empty_truncated_and_foreign_checkpoints_say_what_they_are(tmp_path):
+    (empty := tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(common.UserError, match=r"empty\.pt is empty \(0 bytes\)"):
+        common.load_checkpoint(empty, "kdsr")
+    common.save_checkpoint(good := tmp_path / "good.pt", {"script": "kdsr", "stage": "teacher", "x": torch.zeros(999)})
+    (cut := tmp_path / "cut.pt").write_bytes(good.read_bytes()[:500])
+    (text := tmp_path / "text.pt").write_text("not a checkpoint at all")
+    for path in (cut, text):
+        with pytest.raises(common.UserError, match=rf"{path.name} is corrupt, truncated or not a torch file"):
+            common.load_checkpoint(path, "kdsr")
+    torch.save({"weight": torch.zeros(3)}, official := tmp_path / "official.pt")
+    with pytest.raises(common.UserError, match="not a checkpoint of these scripts"):
+        common.load_checkpoint(official, "kdsr")
+    with pytest.raises(common.UserError, match=r"empty\.pt is empty \(0 bytes\): expected a VGG"):
+        common.read_weights(empty, "a VGG")
+
+
+def test_aniso_noise_is_x4_only_and_bad_images_stop_an_eval_before_it_starts(tiny_bench_root, tmp_path):
+    with pytest.raises(common.UserError, match="aniso_noise is defined for x4 only"):
+        common.test_degradations("aniso_noise", 3)
+    import shutil
+    shutil.copytree(tiny_bench_root / "Tiny", tmp_path / "Tiny")
+    (tmp_path / "Tiny" / "HR" / "z_broken.png").write_bytes(b"\x89PNG cut")
+    calls = []
+    with pytest.raises(common.UserError, match=r"cannot read image .*z_broken\.png"):
+        common.run_benchmark(lambda x: calls.append(1) or common.imresize(x, 4), "Tiny", "bicubic", 4, tmp_path)
+    assert calls == []                                    # refused before the first (good) image was scored
+    (blocked := tmp_path / "file").write_text("")
+    with pytest.raises(common.UserError, match="cannot write to"):
+        common.writable_dir(blocked / "out")

@@ -456,3 +456,20 @@ def test_two_processes_compute_the_run_of_one(tiny_hr_dir, tmp_path):
             torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-7, msg=f"{run}: {key}")
     assert log_records(tmp_path / "two")[-1]["loss"] == pytest.approx(log_records(tmp_path / "one")[-1]["loss"],
                                                                        rel=1e-5)
+
+
+def test_log_says_how_the_global_batch_is_shared(tiny_hr_dir, tmp_path, capsys):
+    kdsr.main(["train", "--stage", "teacher", "--data-dir", str(tiny_hr_dir), "--steps", "1", "--batch-size", "4",
+               "--out-dir", str(tmp_path), *SMOKE])
+    assert "global batch 4 = 1 process x 4" in capsys.readouterr().out
+
+
+def test_resume_refuses_flags_that_differ_from_the_checkpoint(tiny_hr_dir, tmp_path):
+    run = ["train", "--stage", "teacher", "--data-dir", str(tiny_hr_dir), "--out-dir", str(tmp_path), *SMOKE]
+    kdsr.main([*run, "--steps", "2"])
+    with pytest.raises(SystemExit, match=r"^error: --resume continues .* only --steps may change; drop --batch-size 1 "
+                                         r"\(checkpoint: 2\), --preset paper \(checkpoint: smoke\)$"):
+        kdsr.main([*run[:-len(SMOKE)], "--device", "cpu", "--workers", "0", "--preset", "paper", "--batch-size", "1",
+                   "--steps", "4", "--resume"])
+    kdsr.main([*run, "--batch-size", "2", "--steps", "3", "--resume"])          # the same value is no conflict
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3

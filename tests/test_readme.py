@@ -63,14 +63,14 @@ def quickstart_commands() -> list[str]:
     return bash_commands(block[: block.index("```", block.index("```bash") + 7) + 3])
 
 
-def test_quickstart_runs(tmp_path, monkeypatch, shared):
+def test_quickstart_runs(tmp_path, monkeypatch, bench_root):
     """The 5-minute quickstart, verbatim, on a folder of 'your photos' and the real Set5."""
     photos = tmp_path / "my_photos"
     photos.mkdir()
     for i in range(3):
         Image.fromarray(synthetic_image(i, 200, 240)).save(photos / f"photo{i}.jpg", quality=95)
     (tmp_path / "datasets").mkdir()
-    shutil.copytree(shared / "benchmarks" / "Set5", tmp_path / "datasets" / "Set5")
+    shutil.copytree(bench_root / "Set5", tmp_path / "datasets" / "Set5")
     monkeypatch.chdir(tmp_path)
     commands = quickstart_commands()
     assert len(commands) >= 3

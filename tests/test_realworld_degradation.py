@@ -1,4 +1,4 @@
-"""_rw_degradation.py: Real-ESRGAN second-order degradation, against ../shared/specs/realworld.md §1.2–1.8."""
+"""common.py: the Real-ESRGAN second-order training degradation, its kernels, JPEG, USM, noise, pool."""
 import math
 
 import numpy as np
@@ -22,8 +22,8 @@ def on_grid(img: torch.Tensor) -> bool:
     return bool((img * 255 - (img * 255).round()).abs().max() < 1e-3)
 
 
-# ---- Kernels (§1.2) ---------------------------------------------------------------------------------------
-KERNEL_TABLE = [  # (builder, {(row, col): value}) from the §1.2 check table
+# ---- Kernels (BasicSR's random kernels) ------------------------------------------------------------------------
+KERNEL_TABLE = [  # (builder, {(row, col): value}) measured on BasicSR's kernel functions
     (lambda: common.family_kernels(0, 21, 2, 2, 0, 1), {(10, 10): 0.03978874, (10, 11): 0.03511344}),
     (lambda: common.family_kernels(0, 7, 1, 1, 0, 1, pad_to=7), {(3, 3): 0.15924113, (0, 0): 1.96519e-05}),
     (lambda: common.family_kernels(0, 21, 3, 1, PI / 4, 1), {(10, 10): 0.05305187, (11, 11): 0.04747290,
@@ -114,7 +114,7 @@ def test_random_kernel_parameter_distributions(monkeypatch):
     assert abs(frac(plateau == 1) - 0.5) < 0.05 and 1 <= float(plateau.min()) and float(plateau.max()) <= 2
 
 
-# ---- DiffJPEG (§1.5) --------------------------------------------------------------------------------------
+# ---- DiffJPEG (BasicSR's DiffJPEG) -----------------------------------------------------------------------------
 def test_jpeg_quality_factors():
     factors = common.jpeg_factor(torch.tensor([30.0, 50.0, 75.0, 95.0]))
     assert torch.allclose(factors, torch.tensor([5 / 3, 1.0, 0.5, 0.1]), atol=1e-6)
@@ -169,7 +169,7 @@ def test_jpeg_chroma_is_replicated_over_2x2():
     assert cb[:, 0::2, 0::2].std() > 0.5                                      # but not constant
 
 
-# ---- USM (§1.6) -------------------------------------------------------------------------------------------
+# ---- USM (BasicSR's USMSharp) ----------------------------------------------------------------------------------
 def test_usm_kernel_constant_image_and_edge():
     kernel = common.usm_kernel()
     assert kernel.shape == (51, 51) and abs(float(kernel.sum()) - 1) < 1e-6
@@ -183,7 +183,7 @@ def test_usm_kernel_constant_image_and_edge():
     assert (out[..., 33] - out[..., 30] > edge[..., 33] - edge[..., 30]).all()
 
 
-# ---- Noise (§1.4) -----------------------------------------------------------------------------------------
+# ---- Noise (BasicSR's *_pt noise) ------------------------------------------------------------------------------
 def test_gaussian_noise_gray_colour_and_zero():
     torch.manual_seed(2)
     img = gt_batch(3, 24)
@@ -208,7 +208,7 @@ def test_poisson_levels_and_noise():
     assert torch.equal(common.add_poisson_noise(offgrid, 0.0, False), offgrid)
 
 
-# ---- Pipeline (§1.3) --------------------------------------------------------------------------------------
+# ---- Pipeline (Real-ESRGAN's feed_data order) ------------------------------------------------------------------
 def test_pipeline_400_gives_100_on_the_grid():
     torch.manual_seed(4)
     img_lr = common.realesrgan_degrade(gt_batch(2, 400), common.RealESRGANOptions())
@@ -297,7 +297,7 @@ def test_paired_crop_is_aligned_at_4x_with_one_offset_per_batch():
     assert len(offsets) > 1
 
 
-# ---- Training-pair pool (§1.7) ----------------------------------------------------------------------------
+# ---- Training-pair pool (Real-ESRGAN's queue) ------------------------------------------------------------------
 def pairs(ids) -> tuple:
     """A batch whose pair i carries its id in pixel (0, 0, 0) of both LR and HR; other pixels random uint8/255."""
     ids = torch.as_tensor(ids)

@@ -380,7 +380,7 @@ def test_tiled_eval(smoke_ckpt, tiny_bench_root, tmp_path):
     assert run("cover", "--tile", "16") == whole  # LR is 12x16: one tile covers it, so exactly the same metrics
     small = run("small", "--tile", "8", "--tile-overlap", "2")  # E sees one 10x10 tile (padded to 24) at a time
     assert small[-1]["n"] == 16 and np.isfinite(small[-1]["psnr"]) and small[-1]["psnr"] != whole[-1]["psnr"]
-    assert "ReDSR x4 tile8 gaussian8 Tiny" in (tmp_path / "small" / "results.md").read_text()
+    assert "ReDSR tile8 x4 gaussian8 Tiny" in (tmp_path / "small" / "results.md").read_text()
     with pytest.raises(SystemExit, match="^2$"):  # argparse usage error: expected int >= 0
         run("bad", "--tile", "-1")
 
@@ -475,3 +475,11 @@ def test_no_augment_keeps_crops_as_they_are(tmp_path):
     assert not all(torch.equal(a, b) for i in range(6) for a, b in zip(data[i], common.HRPatches(tmp_path, 64, 2)[i]))
     assert redsr.config_from_args(redsr.build_parser().parse_args(["train", "--data-dir", "d", "--no-augment"])).augment \
         is False
+
+
+def test_resume_refuses_flags_that_differ_from_the_checkpoint(tiny_hr_dir, tmp_path):
+    run = ["train", *SMOKE, "--data-dir", str(tiny_hr_dir), "--out-dir", str(tmp_path)]
+    redsr.main([*run, "--steps", "1"])
+    with pytest.raises(SystemExit, match=r"^error: --resume continues .* drop --degradation aniso_noise \(checkpoint: "
+                                         r"iso\), --no-ed \(checkpoint: True\)$"):
+        redsr.main([*run, "--steps", "2", "--degradation", "aniso_noise", "--no-ed", "--resume"])
