@@ -6,6 +6,7 @@ Spec: ../shared/specs/mrda.md. Four stages: `pretrain` (MLN, bicubic) -> `meta` 
 
 Paper map (paper element -> symbol here)
     Eq. 1, Sec. IV-A ranges (one degradation per task/batch) -> sample_degradation, degrade_batch
+    Alg. 1 L4 I^tr / I^te (meta-train / meta-test crops)      -> support / query items of meta_step (our names)
     Sec. III-B, Fig. 2(a) Meta-Learning Network, upscaler    -> MLN (head + body adapted, tail = upscaler)
     Alg. 1 L8-L11 / Alg. 2 L4-L9 inner SGD adaptation         -> adapt_mln (torch.func.functional_call)
     Alg. 1 L13-L14 meta update (first order)                  -> meta_step
@@ -20,8 +21,8 @@ Paper map (paper element -> symbol here)
 Deviations (each [DEV] is listed in the README):
     - [DEV] training angle theta ~ U[0, pi) in radians as the paper says (release: U[0, 1) degree-radian slip).
     - [DEV] true per-batch MLN reset to theta_M (release: the saved copy shares storage, the MLN drifts).
-    - [DEV] the whole MLN tail (upsampler + last conv) is frozen from stage 2 on (release: only in stage 4).
-    - [DEV] adaptation step size 1e-2 for all n steps (release: 1e-2 then 5e-3; --released-step-sizes).
+    - [DEV] the whole MLN tail (upsampler + last conv) is frozen from stage 2 on (release: stage 4; --adapt-upscaler).
+    - [DEV] adaptation step size 1e-2 for all n steps (release: 1e-2, 5e-3, from step 6 1e-3; --released-step-sizes).
     - [DEV] released schedules, batches and Adam settings (paper text: 500 epochs, lr 2e-4 halved every 200).
     - [DEV] L_kl in the released form: softmax(D / 0.15), sum over entries, batch mean (Eq. 4: 1/(4C), no tau).
     - [DEV] the student's estimator is freshly initialised, RDAN_S <- RDAN_T by an explicit named load.
@@ -33,6 +34,7 @@ Usage:
     python mrda.py train --stage student --teacher-ckpt runs/mrda/teacher/last.pt --data-dir DIV2K/HR Flickr2K/HR
     python mrda.py eval --ckpt runs/mrda/student/last.pt --data Set5 Set14 B100 Urban100 Manga109
     python mrda.py eval --ckpt runs/mrda/teacher/last.pt --data Set14   # oracle: adapts the MLN on each HR
+    python mrda.py eval --official-weights T.pt --official-mln MLN.pt --data Set5 --released-step-sizes --adapt-upscaler
     python mrda.py eval --ckpt runs/mrda/student/last.pt --data Urban100 --tile 128   # student: LR tiles
     python mrda.py eval --official-weights iso_ST.pt --data Set14 --protocol gaussian8
 """
@@ -57,7 +59,7 @@ SCRIPT = "mrda"
 STAGES = ("pretrain", "meta", "teacher", "student")
 DEGRADATIONS = ("iso", "aniso_noise")
 DIV2K_MEAN = (0.4488, 0.4371, 0.4040)  # [official code] MeanShift of RDAN, rgb_range 1, std 1
-ADAPTED = ("head.", "body.")           # [Sec. III-B] MLN parameters "not in Upscaler"; `tail.` is the upscaler
+ADAPTED = ("head.", "body.")           # [Sec. III-B] "not in Upscaler"; `tail.` = upscaler + last conv [DEV]
 
 
 # ---- 1. Config ---------------------------------------------------------------------------------------------
@@ -92,11 +94,11 @@ class Config:
     beta1: float = 0.9                   # [Sec. IV-A]
     beta2: float = 0.999                 # [Sec. IV-A]
     learning_rate: float = 1e-4          # [official code] every stage (paper: 2e-4)
-    pretrain_batch: int = 64             # [official code]
+    pretrain_batch: int = 64             # [official code] global: N processes take 64 / N (as every *_batch)
     pretrain_epochs: int = 600           # [official code]
     pretrain_iters: int = 971            # [official code] iterations per epoch
     pretrain_halve_every: int = 125      # [official code]
-    meta_batch: int = 32                 # [official code] 16 support + 16 query crops
+    meta_batch: int = 32                 # [official code] 16 inner (support) + 16 outer (query) crops
     meta_epochs: int = 600               # [official code]
     meta_iters: int = 216                # [official code]
     meta_halve_every: int = 150          # [official code]
@@ -156,9 +158,11 @@ def schedule(cfg: Config, stage: str, step: int) -> tuple[float, bool]:
 
 
 def step_sizes(cfg: Config) -> list[float]:
-    """alpha of each of the n adaptation steps of stages 3-4 and teacher eval [Alg. 2 L8]."""
-    later = cfg.inner_lr / 2 if cfg.released_step_sizes else cfg.inner_lr  # [official code] 1e-2, then 5e-3
-    return [cfg.inner_lr] + [later] * (cfg.inner_steps - 1)
+    """alpha of each of the n adaptation steps of stages 3-4 and teacher eval [Alg. 2 L8]; released: alpha for step 1,
+    alpha / 2 for steps 2-5, alpha / 10 after [official code: 1e-2, 5e-3, 1e-3]."""
+    if not cfg.released_step_sizes:
+        return [cfg.inner_lr] * cfg.inner_steps
+    return [cfg.inner_lr / (1 if i == 0 else 2 if i < 5 else 10) for i in range(cfg.inner_steps)]
 
 
 def check_config(cfg: Config) -> None:
@@ -174,10 +178,11 @@ def check_config(cfg: Config) -> None:
 
 
 # ---- 2. Degradation ----------------------------------------------------------------------------------------
-def sample_degradation(cfg: Config, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ONE kernel (1, k, k) and noise level (1,) for a whole task / mini-batch [Alg. 1 L7, Alg. 2 L3]."""
+def sample_degradation(cfg: Config, rnd: common.StepRandom) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ONE kernel (1, k, k) and noise level (1,) for a whole task / mini-batch [Alg. 1 L7, Alg. 2 L3]: a draw of the
+    step, the same on every rank (rnd.shared), so the global batch shares it with any number of processes [ours]."""
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(1, device=device)
+        return lo + (hi - lo) * rnd.shared(1)
     if cfg.degradation == "iso":
         # sigma ~ U[0.2, 4], no noise [Sec. IV-A]
         return common.isotropic_kernels(uniform(cfg.sigma_min, cfg.sigma_max), cfg.kernel_size), None
@@ -188,18 +193,17 @@ def sample_degradation(cfg: Config, device) -> tuple[torch.Tensor, torch.Tensor 
 
 
 @torch.no_grad()
-def degrade_batch(img_hr: torch.Tensor, cfg: Config, bicubic_only: bool = False) -> torch.Tensor:
-    """I_LR = Q((I_HR * k) down_s + n), one (k, n) for the batch [Eq. 1]; (B, 3, sP, sP) -> (B, 3, P, P).
-    bicubic_only: the stage-1 degradation, bicubic down only [Alg. 1 L2]."""
-    if bicubic_only:
-        return common.degrade(img_hr, None, cfg.scale)
-    kernel, noise = sample_degradation(cfg, img_hr.device)
-    return common.degrade(img_hr, kernel, cfg.scale, noise)
+def degrade_batch(img_hr: torch.Tensor, cfg: Config, rnd: common.StepRandom) -> torch.Tensor:
+    """I_LR = Q((I_HR * k) down_s + n), one (k, n) for the batch [Eq. 1]; (b, 3, sP, sP) -> (b, 3, P, P). The noise
+    field of item i is the step's draw for global item i (common.StepRandom)."""
+    kernel, noise = sample_degradation(cfg, rnd)
+    return common.degrade(img_hr, kernel, cfg.scale, noise, generator=rnd)
 
 
 @torch.no_grad()
 def bicubic_up(img_lr: torch.Tensor, scale: int) -> torch.Tensor:
-    """The MLN's global residual: MATLAB bicubic x s of the LR, rounded to 8 bits [official code]."""
+    """The MLN's global residual [Sec. III-B]: MATLAB bicubic x s of the 8-bit LR [ours] (release: of the unrounded LR,
+    inside its degrader; a test LR exists only in 8 bits), rounded to 8 bits [official code]."""
     return common.quantize(common.imresize(img_lr, scale))
 
 
@@ -217,7 +221,7 @@ class MLN(nn.Module):
     """Meta-Learning Network [Sec. III-B, Fig. 2(a)]: conv + 6 convs (LReLU) -> D'_T; upscaler `tail`; + bicubic.
 
     Only `head` and `body` adapt (meta-learning, per-degradation SGD); `tail` (x4 upsampler + last conv) is fixed
-    after the bicubic pretraining so that D'_T stays in one domain [Sec. III-B, Tab. VI].
+    after the bicubic pretraining so that D'_T stays in one domain [Sec. III-B, Tab. VI; the last conv too: DEV].
     """
 
     def __init__(self, channels: int = 128, n_body: int = 6, scale: int = 4):
@@ -374,62 +378,78 @@ def abs_loss(d_student: torch.Tensor, d_teacher: torch.Tensor) -> torch.Tensor:
 
 
 # ---- 5. Training -------------------------------------------------------------------------------------------
-def adapt_mln(mln: MLN, img_lr: torch.Tensor, img_bicubic: torch.Tensor, img_hr: torch.Tensor,
-              alphas: list[float]) -> tuple[dict, list[torch.Tensor]]:
+def rank_mean(tensors: list[torch.Tensor], dist) -> list[torch.Tensor]:
+    """Each tensor averaged over the ranks, one all-reduce (one process: as given). Every rank holds an equal share of
+    the global batch, so the mean of the ranks' batch-mean losses and gradients is the global batch's [ours]."""
+    if dist is None or not dist.enabled:
+        return tensors
+    flat = common.all_reduce_mean(torch.cat([t.detach().flatten() for t in tensors]), dist)
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def adapt_mln(mln: MLN, img_lr: torch.Tensor, img_bicubic: torch.Tensor, img_hr: torch.Tensor, alphas: list[float],
+              dist=None, adapted: tuple[str, ...] = ADAPTED) -> tuple[dict, list[torch.Tensor]]:
     """theta <- theta_M; n x [theta <- theta - alpha grad_theta L1(MLN(LR; theta), HR)] on head + body only
-    [Alg. 1 L8-L11, Alg. 2 L4-L9]. theta_M (the module's parameters) is never written: the adapted tensors live
-    in a dict used through functional_call, so every call starts from theta_M exactly (true reset).
+    [Alg. 1 L8-L11, Alg. 2 L4-L9] (adapted + ("tail.",): the upscaler too, as the release's teacher test). theta_M
+    (the module's parameters) is never written: the adapted tensors live in a dict used through functional_call, so
+    every call starts from theta_M exactly (true reset). Under DDP the L1 is the global batch's (rank_mean), so
+    every rank adapts to the theta one process would [ours].
     Returns (theta, support losses before each step); the steps are not differentiated through (first order)."""
-    theta = {name: p.detach() for name, p in mln.named_parameters() if name.startswith(ADAPTED)}
+    theta = {name: p.detach() for name, p in mln.named_parameters() if name.startswith(adapted)}
     losses = []
     with torch.enable_grad():
         for alpha in alphas:
             theta = {name: t.requires_grad_() for name, t in theta.items()}
             img_sr, _ = functional_call(mln, theta, (img_lr, img_bicubic))
             loss = reconstruction_loss(img_sr, img_hr)
-            grads = torch.autograd.grad(loss, list(theta.values()))
+            loss, *grads = rank_mean([loss, *torch.autograd.grad(loss, list(theta.values()))], dist)
             theta = {name: (t - alpha * g).detach() for (name, t), g in zip(theta.items(), grads)}
             losses.append(loss.detach())
     return theta, losses
 
 
-def meta_step(mln: MLN, img_hr: torch.Tensor, cfg: Config, dist) -> tuple[torch.Tensor, dict]:
-    """First-order MAML [Alg. 1 L4-L14]: m tasks of one degradation each; adapt on the support half, meta-gradient
-    (1/m) sum_i grad_{theta_i} L1(MLN(LR_query; theta_i), HR_query) written into theta_M.grad (no Adam step)."""
+def meta_step(mln: MLN, img_hr: torch.Tensor, cfg: Config, rnd: common.StepRandom, dist) -> tuple[torch.Tensor, dict]:
+    """First-order MAML [Alg. 1 L4-L14]: m tasks of one degradation each; adapt on the support items, meta-gradient
+    (1/m) sum_i grad_{theta_i} L1(MLN(LR_query; theta_i), HR_query) written into theta_M.grad (no Adam step).
+    Support / query: our (MAML) names for the paper's I^tr / I^te [Alg. 1 L4] (the release calls its inner half
+    "query"). Under DDP both L1s are the global batch's (rank_mean)."""
     meta = {name: p for name, p in mln.named_parameters() if name.startswith(ADAPTED)}
     meta_grads = [torch.zeros_like(p) for p in meta.values()]
-    half = img_hr.shape[0] // 2                               # support = first half, query = second [official code]
+    # support = even, query = odd items of the global batch [ours] (release: first / second half), so every rank's
+    # share holds both in equal parts
+    support, query = slice(0, None, 2), slice(1, None, 2)
     query_losses, support_losses = [], []
     for _ in range(cfg.meta_tasks):
-        img_lr = degrade_batch(img_hr, cfg)                   # one degradation for both halves of task i
+        img_lr = degrade_batch(img_hr, cfg, rnd)              # one degradation for support and query of task i
         img_bicubic = bicubic_up(img_lr, cfg.scale)
-        theta, losses = adapt_mln(mln, img_lr[:half], img_bicubic[:half], img_hr[:half],
-                                  [cfg.inner_lr] * cfg.inner_steps)
+        theta, losses = adapt_mln(mln, img_lr[support], img_bicubic[support], img_hr[support],
+                                  [cfg.inner_lr] * cfg.inner_steps, dist)
         theta = {name: t.requires_grad_() for name, t in theta.items()}
-        img_sr, _ = functional_call(mln, theta, (img_lr[half:], img_bicubic[half:]))
-        loss = reconstruction_loss(img_sr, img_hr[half:])
+        img_sr, _ = functional_call(mln, theta, (img_lr[query], img_bicubic[query]))
+        loss = reconstruction_loss(img_sr, img_hr[query])
         # g_i = grad_{theta_i} L_query (first order: d theta_i / d theta_M taken as identity)
         for acc, g in zip(meta_grads, torch.autograd.grad(loss, list(theta.values()))):
             acc += g / cfg.meta_tasks
         query_losses.append(loss.detach())
         support_losses.append(losses[0] if losses else loss.detach())          # at theta_M, before adapting
-    for p, g in zip(meta.values(), meta_grads):
-        p.grad = common.all_reduce_mean(g, dist)              # DDP: the meta-gradient averaged over ranks
+    for p, g in zip(meta.values(), rank_mean(meta_grads, dist)):
+        p.grad = g                                            # DDP: the meta-gradient averaged over ranks by hand
     return torch.stack(query_losses).mean(), {"l_support": torch.stack(support_losses).mean().item()}
 
 
 @torch.no_grad()
-def teacher_representation(mln: MLN, img_lr: torch.Tensor, img_hr: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """D'_T (B, F, h, w) of the MLN adapted on (LR, HR) from theta_M [Alg. 2 L4-L10]."""
+def teacher_representation(mln: MLN, img_lr: torch.Tensor, img_hr: torch.Tensor, cfg: Config, dist=None,
+                           adapted: tuple[str, ...] = ADAPTED) -> torch.Tensor:
+    """D'_T (B, F, h, w) of the MLN adapted on (LR, HR) from theta_M [Alg. 2 L4-L10]; under DDP on the global batch."""
     img_bicubic = bicubic_up(img_lr, cfg.scale)
-    theta, _ = adapt_mln(mln, img_lr, img_bicubic, img_hr, step_sizes(cfg))
+    theta, _ = adapt_mln(mln, img_lr, img_bicubic, img_hr, step_sizes(cfg), dist, adapted)
     return functional_call(mln, theta, (img_lr, img_bicubic), {"with_sr": False})[1]
 
 
 def student_step(net: nn.Module, mln: MLN, teacher: MRDA, img_lr, img_hr, cfg: Config, amp: bool, device,
-                 estimator_only: bool):
+                 estimator_only: bool, dist=None):
     """L = L_rec + lambda_kl L_kl + lambda_abs L_abs [Eq. 6]; estimator-only phase: without L_rec [official code]."""
-    d_prime = teacher_representation(mln, img_lr, img_hr, cfg)                   # float32 adaptation, no grad
+    d_prime = teacher_representation(mln, img_lr, img_hr, cfg, dist)             # float32 adaptation, no grad
     with common.autocast(device, amp):
         with torch.no_grad():
             d_teacher = teacher.E(d_prime)                                        # D_T (B, 4c), frozen
@@ -447,14 +467,15 @@ def _restore(path: Path, model, optimizer, stage: str, dist, device) -> int:
     ckpt = common.load_checkpoint(path, SCRIPT, (stage,), device=device)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    common.set_rng_state(ckpt["rng"], dist)  # every rank continues its own random degradations
+    common.set_rng_state(ckpt["rng"], dist)  # training draws come from StepRandom(seed, step): any world size
     return int(ckpt["step"])
 
 
 def fit(cfg: Config, args, stage: str, model: nn.Module, step_fn, resume: Path | None, dist, device,
         extra: dict | None = None, find_unused: bool = False) -> Path:
     """The loop all stages share: data, step, lr rule, log, atomic checkpoints, signal stop, finite-loss guard.
-    step_fn(net, img_hr, estimator_only) -> (loss, scalars); a loss without graph means step_fn set the grads."""
+    step_fn(net, img_hr, rnd, estimator_only) -> (loss, scalars); a loss without graph means step_fn set the grads.
+    img_hr is this rank's share of the global batch; rnd draws the step's randomness for the whole of it."""
     params = [p for p in model.parameters() if p.requires_grad]  # frozen: mean shift, MLN upscaler
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
     start = _restore(resume, model, optimizer, stage, dist, device) if resume else 0
@@ -470,10 +491,11 @@ def fit(cfg: Config, args, stage: str, model: nn.Module, step_fn, resume: Path |
             learning_rate, estimator_only = schedule(cfg, stage, step)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate
-            img_hr = next(batches)                                  # (B, 3, sP, sP)
+            img_hr = next(batches)                                  # (b, 3, sP, sP), b = B / N
             if args.channels_last and device.type == "cuda":
                 img_hr = img_hr.contiguous(memory_format=torch.channels_last)
-            loss, scalars = step_fn(net, img_hr, estimator_only)
+            rnd = common.StepRandom(cfg.seed, step, batch_size(cfg, stage), dist, device)  # same with 1 or N ranks
+            loss, scalars = step_fn(net, img_hr, rnd, estimator_only)
             loss_mean = common.all_reduce_mean(loss.detach(), dist)
             common.check_finite(loss_mean, step, last_good)         # before any update
             if loss.requires_grad:
@@ -503,7 +525,7 @@ def fit(cfg: Config, args, stage: str, model: nn.Module, step_fn, resume: Path |
 def _setup(cfg: Config, args):
     device = common.pick_device(args.device)
     dist = common.ddp_setup(device)
-    common.seed_everything(cfg.seed + dist.rank)  # each rank draws its own degradations
+    common.seed_everything(cfg.seed + dist.rank)  # rank 0 = a single process; training draws use StepRandom
     return device, dist
 
 
@@ -535,8 +557,8 @@ def train_pretrain(cfg: Config, args, resume: Path | None) -> Path:
     device, dist = _setup(cfg, args)
     mln = _to_device(build_mln(cfg), args, device)
 
-    def step_fn(net, img_hr, estimator_only):
-        img_lr = degrade_batch(img_hr, cfg, bicubic_only=True)             # (B, 3, P, P)
+    def step_fn(net, img_hr, rnd, estimator_only):
+        img_lr = common.degrade(img_hr, None, cfg.scale)     # (b, 3, P, P), bicubic down only [Alg. 1 L2]
         img_bicubic = bicubic_up(img_lr, cfg.scale)          # fp32 outside autocast, as in the later stages
         with common.autocast(device, args.amp):
             img_sr, _ = net(img_lr, img_bicubic)
@@ -554,14 +576,18 @@ def train_meta(cfg: Config, args, resume: Path | None) -> Path:
     if resume is None and not args.pretrain_ckpt:
         raise common.UserError("the meta stage needs --pretrain-ckpt FILE (the pretrain stage's last.pt)")
     device, dist = _setup(cfg, args)
+    if cfg.meta_batch % (2 * dist.world_size):
+        common.ddp_teardown(dist)
+        raise common.UserError(f"the meta batch {cfg.meta_batch} is global: each of the {dist.world_size} processes "
+                               f"needs an even share (its support and query items alternate)")
     mln = build_mln(cfg)
     if resume is None:
         mln.load_state_dict(load_stage(args.pretrain_ckpt, "pretrain", cfg)["model"])
     mln.tail.requires_grad_(False)                                         # not in Adam, not adapted
     mln = _to_device(mln, args, device)
 
-    def step_fn(net, img_hr, estimator_only):  # the meta-gradient is all-reduced by hand: DDP's hooks never fire
-        return meta_step(common.unwrap(net), img_hr, cfg, dist)
+    def step_fn(net, img_hr, rnd, estimator_only):  # the meta-gradient is all-reduced by hand: no DDP forward
+        return meta_step(common.unwrap(net), img_hr, cfg, rnd, dist)
 
     try:
         return fit(cfg, args, "meta", mln, step_fn, resume, dist, device,
@@ -580,9 +606,9 @@ def train_teacher(cfg: Config, args, resume: Path | None) -> Path:
     mln = frozen_mln(state, cfg, device)
     model = _to_device(build_model(cfg, teacher=True), args, device)
 
-    def step_fn(net, img_hr, estimator_only):
-        img_lr = degrade_batch(img_hr, cfg)                                # one degradation per batch
-        d_prime = teacher_representation(mln, img_lr, img_hr, cfg)        # (B, F, P, P), no grad
+    def step_fn(net, img_hr, rnd, estimator_only):
+        img_lr = degrade_batch(img_hr, cfg, rnd)                           # one degradation per global batch
+        d_prime = teacher_representation(mln, img_lr, img_hr, cfg, dist)  # (b, F, P, P), adapted on it, no grad
         with common.autocast(device, args.amp):
             img_sr, _ = net(img_lr, d_prime)
         loss = reconstruction_loss(img_sr, img_hr)
@@ -619,9 +645,9 @@ def train_student(cfg: Config, args, resume: Path | None) -> Path:
             print(f"student G initialised from {args.teacher_ckpt} ({len(copied)} tensors); E (DEN_S) fresh")
     model = _to_device(student, args, device)
 
-    def step_fn(net, img_hr, estimator_only):
-        img_lr = degrade_batch(img_hr, cfg)
-        return student_step(net, mln, teacher, img_lr, img_hr, cfg, args.amp, device, estimator_only)
+    def step_fn(net, img_hr, rnd, estimator_only):
+        img_lr = degrade_batch(img_hr, cfg, rnd)
+        return student_step(net, mln, teacher, img_lr, img_hr, cfg, args.amp, device, estimator_only, dist)
 
     try:  # the estimator-only phase leaves G without gradients: DDP must be told
         return fit(cfg, args, "student", model, step_fn, resume, dist, device,
@@ -650,14 +676,19 @@ def load_for_inference(args, device) -> tuple[MRDA, MLN | None, Config, str]:
         raise common.UserError(f"{args.ckpt or args.official_weights} is a x{cfg.scale} model but --scale "
                                f"{args.scale} was given: use --scale {cfg.scale}")
     mln = mln.to(device) if mln is not None else None
+    if args.released_step_sizes is not None:   # default: as trained (a released file: the paper's alpha)
+        cfg = dataclasses.replace(cfg, released_step_sizes=args.released_step_sizes)
     name = "MRDA_T-oracle" if model.teacher else "MRDA_S"
-    return model.to(device).eval(), mln, cfg, name + ("" if (cfg.n_feats, cfg.n_blocks) == (64, 27) else "-custom")
+    name += "" if (cfg.n_feats, cfg.n_blocks) == (64, 27) else "-custom"
+    name += " released-steps" * (model.teacher and cfg.released_step_sizes) + " adapt-upscaler" * args.adapt_upscaler
+    return model.to(device).eval(), mln, cfg, name
 
 
 def oracle_sr_fn(model: MRDA, mln: MLN, cfg: Config, data, args, device):
     """Teacher eval [spec 6]: per test image reset to theta_M, adapt n steps on its own HR (batch 1), infer. It
-    needs the HR, so it is an upper bound, not blind SR. run_benchmark visits the images in sorted order and every
-    degradation of one image in turn; this stream yields the matching HR for each call."""
+    needs the HR, so it is an upper bound, not blind SR. --adapt-upscaler adapts the MLN tail too, as the release's
+    teacher test [official code]. run_benchmark visits the images in sorted order and every degradation of one
+    image in turn; this stream yields the matching HR for each call."""
     _, files = common.find_benchmark(data, args.data_root)
     repeats = len(common.test_degradations(args.protocol, args.scale))
     def modcropped_hr(path) -> torch.Tensor:                                          # (3, H, W) in [0, 1]
@@ -669,7 +700,8 @@ def oracle_sr_fn(model: MRDA, mln: MLN, cfg: Config, data, args, device):
         img_hr = next(stream)[None].to(device)                                        # (1, 3, H, W)
         if img_hr.shape[-2:] != tuple(args.scale * s for s in img_lr.shape[-2:]):
             raise common.UserError(f"internal: HR {tuple(img_hr.shape)} does not match LR {tuple(img_lr.shape)}")
-        d_prime = teacher_representation(mln, img_lr, img_hr, cfg)                    # adapted from theta_M
+        adapted = ADAPTED + ("tail.",) if args.adapt_upscaler else ADAPTED
+        d_prime = teacher_representation(mln, img_lr, img_hr, cfg, adapted=adapted)    # adapted from theta_M
         with common.autocast(device, args.amp):
             return model(img_lr, d_prime)[0].float()
     return sr_fn
@@ -681,6 +713,8 @@ def evaluate(args) -> list[dict]:
     model, mln, cfg, name = load_for_inference(args, device)
     if model.teacher and args.tile:
         raise common.UserError("--tile is for the student: the teacher (oracle) adapts its MLN on the whole HR image")
+    if not model.teacher and (args.adapt_upscaler or args.released_step_sizes):
+        raise common.UserError("--adapt-upscaler and --released-step-sizes are for a teacher: a student does not adapt")
     name += f" tile{args.tile}" if args.tile else ""
     out_dir = Path(args.out_dir)
 
@@ -785,10 +819,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--degradation", choices=DEGRADATIONS, help="iso (Tab. II) or aniso_noise (Tab. III); default iso")
     tr.add_argument("--preset", choices=tuple(PRESETS), default="paper")
     tr.add_argument("--steps", type=common.at_least(1), help="stop at this step (default: the stage's full schedule)")
-    tr.add_argument("--batch-size", type=common.at_least(1), help="override this stage's batch size (per process)")
+    tr.add_argument("--batch-size", type=common.at_least(1), help="override this stage's global batch size (N "
+                                                                   "processes take batch / N each)")
     tr.add_argument("--save-every", type=common.at_least(1), help="override the checkpoint period (steps)")
     tr.add_argument("--released-step-sizes", action=argparse.BooleanOptionalAction, default=None,
-                    help="adaptation alpha 1e-2 then 5e-3 as the released code (default: 1e-2 for all n steps)")
+                    help="adaptation alpha 1e-2, 5e-3, from step 6 1e-3, as the release (default: 1e-2 every step)")
     tr.add_argument("--abs-weight", type=common.at_least(0, float), help="student lambda_abs (paper 0.01, code 0.1)")
     tr.add_argument("--resume", nargs="?", const="", help="checkpoint to resume (no value: <out-dir>/last.pt)")
     common.add_run_args(tr)
@@ -796,6 +831,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ckpt", help="student or teacher checkpoint written by `train`")
     ev.add_argument("--official-weights", help="released MRDA_S file (iso_ST.pt, aniso_noise_ST.pt) or MRDA_T file")
     ev.add_argument("--official-mln", help="released MLN file, needed with an MRDA_T file")
+    ev.add_argument("--released-step-sizes", action=argparse.BooleanOptionalAction, default=None,
+                    help="teacher: alpha 1e-2, 5e-3, from step 6 1e-3, as the release (default: as trained; paper)")
+    ev.add_argument("--adapt-upscaler", action=argparse.BooleanOptionalAction, default=False,
+                    help="teacher: adapt the MLN upscaler too, as the release's teacher test (default: head + body)")
     common.add_run_args(ev)
     common.add_eval_args(ev)
     ev.add_argument("--tile", type=common.at_least(0), default=0,

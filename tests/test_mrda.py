@@ -1,5 +1,6 @@
 """MRDA: parameter counts, networks, losses, one-degradation sampler, MLN adaptation (first-order MAML, true reset,
-frozen upscaler), schedules, converter, CLI chain pretrain -> meta -> teacher -> student -> eval, exact resume."""
+frozen upscaler), schedules, converter, CLI chain pretrain -> meta -> teacher -> student -> eval, exact resume,
+1 or 2 processes training the same weights, the release's adaptation in eval."""
 import dataclasses
 import json
 import math
@@ -34,6 +35,10 @@ def log_records(out_dir) -> list[dict]:
 
 def smoke_cfg(**overrides) -> mrda.Config:
     return dataclasses.replace(mrda.Config(**mrda.PRESETS["smoke"]), **overrides)
+
+
+def step_random(step: int = 1, batch: int = 2, rank: int = 0, world: int = 1) -> common.StepRandom:
+    return common.StepRandom(0, step, batch, common.Dist(rank, world), "cpu")
 
 
 def image_batch(n: int = 2, size: int = 64) -> torch.Tensor:
@@ -105,15 +110,14 @@ def test_one_degradation_per_batch_and_theta_in_radians(monkeypatch):
         return original(lambda1, lambda2, theta, size)
 
     monkeypatch.setattr(common, "anisotropic_kernels", spy)
-    torch.manual_seed(0)
     cfg = mrda.Config(degradation="aniso_noise")
-    for _ in range(400):
-        kernel, noise = mrda.sample_degradation(cfg, "cpu")
+    for step in range(400):
+        kernel, noise = mrda.sample_degradation(cfg, step_random(step))
         assert kernel.shape == (1, 21, 21) and noise.shape == (1,) and 0 <= noise.item() <= 25
     theta = torch.cat(thetas[-400:])
     assert theta.min() >= 0 and theta.max() < math.pi and theta.max() > 0.9 * math.pi  # not U[0, 1 degree)
     img_hr = image_batch(1).expand(4, -1, -1, -1)
-    img_lr = mrda.degrade_batch(img_hr, mrda.Config())  # iso: no noise, so identical HR -> identical LR
+    img_lr = mrda.degrade_batch(img_hr, mrda.Config(), step_random(batch=4))  # iso: no noise: identical HR -> LR
     assert img_lr.shape == (4, 3, 16, 16) and all(torch.equal(img_lr[0], img_lr[i]) for i in range(4))
 
 
@@ -138,7 +142,7 @@ def test_student_gradients_reach_only_the_right_parts(estimator_only):
     teacher = mrda.build_model(cfg, True).requires_grad_(False)
     student = mrda.build_model(cfg, False)
     img_hr = image_batch(2)
-    img_lr = mrda.degrade_batch(img_hr, cfg)
+    img_lr = mrda.degrade_batch(img_hr, cfg, step_random())
     loss, scalars = mrda.student_step(student, mln, teacher, img_lr, img_hr, cfg, False, torch.device("cpu"),
                                       estimator_only)
     loss.backward()
@@ -159,6 +163,8 @@ def test_paper_schedules():
     assert mrda.schedule(cfg, "student", 100 * 647 + 1) == (1e-4, False)     # joint phase
     assert mrda.step_sizes(cfg) == [1e-2] * 5
     assert mrda.step_sizes(dataclasses.replace(cfg, released_step_sizes=True)) == [1e-2] + [5e-3] * 4
+    assert mrda.step_sizes(dataclasses.replace(cfg, released_step_sizes=True, inner_steps=7)) == \
+        [1e-2] + [5e-3] * 4 + [1e-3] * 2                                     # the release's 1e-3 from step 6
 
 
 # ---- meta-learning: adaptation, meta step, reset, frozen upscaler -----------------------------------------
@@ -186,7 +192,7 @@ def test_meta_step_sets_head_body_gradients_without_moving_weights():
     mln = mrda.build_mln(cfg)
     mln.tail.requires_grad_(False)
     before = {k: v.clone() for k, v in mln.state_dict().items()}
-    query_loss, scalars = mrda.meta_step(mln, image_batch(4), cfg, common.Dist())
+    query_loss, scalars = mrda.meta_step(mln, image_batch(4), cfg, step_random(batch=4), common.Dist())
     assert torch.isfinite(query_loss) and not query_loss.requires_grad and "l_support" in scalars
     assert all(torch.equal(before[k], v) for k, v in mln.state_dict().items())  # only the Adam step moves theta_M
     for name, p in mln.named_parameters():
@@ -332,22 +338,88 @@ def test_resume_continues_with_the_identical_loss(chain, tiny_hr_dir, tmp_path, 
     assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
 
 
-def test_meta_stage_under_torchrun_keeps_ranks_identical(chain, tiny_hr_dir, tmp_path):
-    """Each rank adapts to its own degradations; the hand-made all-reduce of the meta-gradient keeps theta_M equal."""
+def torchrun(tmp_path, *args) -> None:
+    """`mrda.py train ARGS` on 2 gloo CPU ranks (tests/ddp_train_probe.py); the ranks' models must be bit-equal."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "ddp_train_probe.py"), "mrda", "train", "--stage", "meta", "--pretrain-ckpt",
-           str(chain["pretrain"]), "--data-dir", str(tiny_hr_dir), "--steps", "3", "--out-dir", str(tmp_path / "m"),
-           *SMOKE]
+           str(REPO / "tests" / "ddp_train_probe.py"), "mrda", "train", *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    probes = [json.loads(obj) for obj in re.findall(r'\{"rank"[^{}]*\}', result.stdout)]
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p["rank"] for p in probes) == [0, 1] and all(p["world"] == 2 for p in probes)
-    assert all(p["models"] >= 1 and p["ranks_agree"] for p in probes)
-    assert probes[0]["checksum"] == probes[1]["checksum"]
-    theta_m, pretrained = load(tmp_path / "m" / "last.pt")["model"], load(chain["pretrain"])["model"]
-    assert not torch.equal(theta_m["body.0.weight"], pretrained["body.0.weight"])  # the meta steps did move theta_M
-    assert [r["step"] for r in log_records(tmp_path / "m")] == [1, 2, 3]  # rank 0 logs
+    probes = [json.loads(obj) for obj in re.findall(r'\{"rank"[^{}]*\}', result.stdout)]
+    assert sorted(p["rank"] for p in probes) == [0, 1] and all(p["world"] == 2 and p["ranks_agree"] for p in probes)
+
+
+def test_a_step_degrades_the_global_batch_alike_with_any_number_of_processes():
+    """One degradation per step for the whole global batch (a shared draw), every item its own noise field."""
+    cfg, img_hr = smoke_cfg(degradation="aniso_noise"), image_batch(4)
+    one = mrda.degrade_batch(img_hr, cfg, step_random(7, 4))
+    halves = [mrda.degrade_batch(img_hr[2 * r:2 * r + 2], cfg, step_random(7, 4, r, 2)) for r in (0, 1)]
+    assert torch.equal(one, torch.cat(halves))
+    (k0, n0), (k1, n1) = (mrda.sample_degradation(cfg, step_random(7, 4, r, 2)) for r in (0, 1))
+    assert torch.equal(k0, k1) and torch.equal(n0, n1)                       # every rank: the step's one degradation
+    assert not torch.equal(k0, mrda.sample_degradation(cfg, step_random(8, 4))[0])
+    same = mrda.degrade_batch(image_batch(1).expand(4, -1, -1, -1), cfg, step_random(7, 4))
+    assert not torch.equal(same[0], same[1])                                 # own noise field per item
+
+
+@pytest.mark.parametrize("stage", ["meta", "teacher", "student"])
+def test_two_processes_compute_the_run_of_one(chain, tiny_hr_dir, tmp_path, stage):
+    """Global batch 4: one process, or two taking 2 each, train the same weights, and a resume may change the number
+    of processes. The step's degradation and noise fields come from StepRandom; the MLN adaptation (meta: support
+    and query L1) is the global batch's, each rank's gradient averaged over the ranks. Not bit-identical: the ranks'
+    means are averaged instead of one mean taken, so float sums round differently (hence rtol 1e-5)."""
+    handoff = {"meta": ["--pretrain-ckpt", str(chain["pretrain"])], "teacher": ["--meta-ckpt", str(chain["meta"])],
+               "student": ["--teacher-ckpt", str(chain["teacher"])]}[stage]
+    steps = 7 if stage == "student" else 3                                   # student: 5 estimator-only, 2 joint
+    train = ["--stage", stage, *handoff, "--degradation", "aniso_noise", "--data-dir", str(tiny_hr_dir), *SMOKE,
+             "--batch-size", "4"]
+    one = mrda.main(["train", *train, "--steps", str(steps), "--out-dir", str(tmp_path / "one")])
+    torchrun(tmp_path, *train, "--steps", str(steps), "--out-dir", str(tmp_path / "two"))
+    mrda.main(["train", *train, "--steps", str(steps - 1), "--out-dir", str(tmp_path / "mixed")])       # 1 process ...
+    torchrun(tmp_path, *train, "--steps", str(steps), "--out-dir", str(tmp_path / "mixed"), "--resume")  # ... then 2
+    for run in ("two", "mixed"):
+        state = load(tmp_path / run / "last.pt")["model"]
+        for key, value in load(one)["model"].items():
+            torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-7, msg=f"{run}: {key}")
+    assert [r["step"] for r in log_records(tmp_path / "two")] == list(range(1, steps + 1))  # rank 0 logs
+    records = [log_records(tmp_path / run)[-1] for run in ("one", "two")]
+    assert records[1]["loss"] == pytest.approx(records[0]["loss"], rel=1e-5)
+    if stage == "meta":
+        assert records[1]["l_support"] == pytest.approx(records[0]["l_support"], rel=1e-5)  # the global support L1
+
+
+def test_meta_share_of_every_process_must_be_even(chain, tiny_hr_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "ddp_setup", lambda device=None: common.Dist(0, 2))  # rank 0 of 2: fails before any
+    with pytest.raises(SystemExit, match=r"^error: the meta batch 2 is global: each of the 2 processes needs an "
+                                         r"even share \(its support and query items alternate\)$"):
+        mrda.main(["train", "--stage", "meta", "--pretrain-ckpt", str(chain["pretrain"]), "--batch-size", "2",
+                   "--data-dir", str(tiny_hr_dir), "--out-dir", str(tmp_path), *SMOKE])
+
+
+def test_eval_adapts_as_the_release_only_with_its_flags(chain, tiny_bench_root, tmp_path, monkeypatch):
+    calls, original = [], mrda.adapt_mln
+
+    def spy(mln, img_lr, img_bicubic, img_hr, alphas, dist=None, adapted=mrda.ADAPTED):
+        theta, losses = original(mln, img_lr, img_bicubic, img_hr, alphas, dist, adapted)
+        calls.append((alphas, theta, {k: v.clone() for k, v in mln.state_dict().items()}))
+        return theta, losses
+
+    monkeypatch.setattr(mrda, "adapt_mln", spy)
+    run = ["eval", "--ckpt", str(chain["teacher"]), "--data", "Tiny", "--data-root", str(tiny_bench_root),
+           "--device", "cpu", "--limit", "1", "--protocol", "bicubic"]
+    mrda.main([*run, "--out-dir", str(tmp_path / "ours")])
+    alphas, theta, theta_m = calls[-1]
+    assert alphas == [1e-2, 1e-2] and not any(k.startswith("tail.") for k in theta)  # defaults: paper alpha, head + body
+    assert "MRDA_T-oracle-custom x4 bicubic Tiny" in (tmp_path / "ours" / "results.md").read_text()
+    mrda.main([*run, "--released-step-sizes", "--adapt-upscaler", "--out-dir", str(tmp_path / "release")])
+    alphas, theta, theta_m = calls[-1]
+    tail = [k for k in theta_m if k.startswith("tail.")]
+    assert alphas == [1e-2, 5e-3] and len(tail) == 6 and all(k in theta for k in tail)  # smoke n = 2
+    assert all(not torch.equal(theta[k], theta_m[k]) for k in tail)                      # the upscaler adapted
+    assert all(torch.equal(theta_m[k], v) for k, v in load(chain["teacher"])["mln"].items())  # theta_M untouched
+    assert "MRDA_T-oracle-custom released-steps adapt-upscaler x4" in (tmp_path / "release" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="^error: --adapt-upscaler and --released-step-sizes are for a teacher"):
+        mrda.main([*run[:2], str(chain["student"]), *run[3:], "--adapt-upscaler"])
 
 
 # ---- robustness: signals, non-finite loss, tiles, wrong inputs -----------------------------------------------
@@ -481,7 +553,7 @@ def test_official_errors_name_the_keys(shared, tmp_path):
         mrda.main(["eval", "--official-weights", str(tmp_path / "none.pt"), "--device", "cpu"])
 
 
-def test_official_student_and_teacher_eval(shared, tiny_bench_root, tmp_path):
+def test_official_student_and_teacher_eval(shared, tiny_bench_root, tmp_path, monkeypatch):
     torch.save(manifest_state(shared, "MRDA_S_classic_keys.tsv"), student := tmp_path / "iso_ST.pt")
     torch.save(manifest_state(shared, "MRDA_T_classic_keys.tsv"), teacher := tmp_path / "T.pt")
     torch.save(manifest_state(shared, "MRDA_MLN_keys.tsv"), mln := tmp_path / "mln.pt")
@@ -493,3 +565,10 @@ def test_official_student_and_teacher_eval(shared, tiny_bench_root, tmp_path):
     rows = mrda.main(["eval", "--official-weights", str(teacher), "--official-mln", str(mln), "--protocol", "bicubic",
                       "--out-dir", str(tmp_path / "t"), *run])
     assert len(rows) == 2 and math.isfinite(rows[0]["psnr"])
+    assert "MRDA_T-oracle x4 bicubic" in (tmp_path / "t" / "results.md").read_text()   # the paper's adaptation
+    alphas, original = [], mrda.adapt_mln
+    monkeypatch.setattr(mrda, "adapt_mln", lambda *a, **k: alphas.append(a[4]) or original(*a, **k))
+    mrda.main(["eval", "--official-weights", str(teacher), "--official-mln", str(mln), "--protocol", "bicubic",
+               "--released-step-sizes", "--adapt-upscaler", "--out-dir", str(tmp_path / "r"), *run])
+    assert alphas == [[1e-2] + [5e-3] * 4]                                   # the authors' own teacher test
+    assert "MRDA_T-oracle released-steps adapt-upscaler x4" in (tmp_path / "r" / "results.md").read_text()
