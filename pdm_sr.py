@@ -28,6 +28,9 @@ Deviations (each [DEV] is listed in the README):
     - [DEV] metrics: paired data get the paper's RGB PSNR/SSIM (shave = scale) and protocol.md Y; no LPIPS, no
       shift-searched scorer; netSR starts from random init unless --sr-init (the bicubic EDSR is not shipped).
 
+Scale-out [ours]: --batch-size is the global batch, N torchrun processes take batch / N each and compute what one
+process would (draw_z, sync_batchnorm), except netN's BatchNorm on CPU (gloo has no SyncBatchNorm).
+
 Usage:
     python pdm_sr.py make-lr --hr-dir photos_B --out real_lr --lambda1 1.6 --lambda2 1.6 --noise 10
     python pdm_sr.py train --hr-dir DIV2K/HR_1-400 --lr-dir DIV2K/LR_unknown_401-800
@@ -72,13 +75,13 @@ class Config:
     scale: int = 4                   # [Sec. 4.1] x4
     hr_patch: int = 128              # [Sec. 4.1] HR crop
     lr_patch: int = 32               # [Sec. 4.1] real-LR crop, drawn independently (unpaired)
-    batch_size: int = 32             # [Sec. 4.1]
+    batch_size: int = 32             # [Sec. 4.1] global: N processes take 32 / N each
     # PDM: kernel module
     kernel_size: int = 21            # [Sec. 4.1] k
     zk_dim: int = 64                 # [Sec. 4.1] f_k
     netk_feats: int = 64             # [official code]
     netk_blocks: int = 16            # [official code]
-    spatial_kernel: bool = False     # [Eq. 5] one kernel per HR pixel (3x3 convs); default invariant [Eq. 6]
+    spatial_kernel: bool = False     # [Eq. 5, ours] one kernel per LR output pixel (3x3 convs); default [Eq. 6]
     # PDM: noise module
     use_noise: bool = True           # [Sec. 4.1] off for the clean 2017Track2
     zn_dim: int = 3                  # [Sec. 4.1] f_n
@@ -92,6 +95,7 @@ class Config:
     sr_net: str = "edsr"             # [Sec. 4.1] edsr (EDSR baseline) | rrdb
     sr_feats: int = 64               # [Sec. 4.1] EDSR baseline / RRDB width
     sr_blocks: int | None = None     # [Sec. 4.1] None: the backbone's own, EDSR baseline 16 / RRDB 23
+    edsr_res_scale: float = 1.0      # [official code] every released config sets 1 (the EDSR class default is 0.1)
     rrdb_growth: int = 32            # [official code] RRDB growth channels
     # optimisation
     learning_rate: float = 2e-4      # [Sec. 4.1]
@@ -100,6 +104,7 @@ class Config:
     grad_clip: float = 50.0          # [official code] max gradient norm per network
     lr_milestones: tuple = (50_000, 100_000, 150_000)  # [official code] halve at these steps [DEV] vs text
     steps: int = 200_000             # [Sec. 4.1]
+    preset: str = "paper"            # [ours] the preset the run started from (a label --resume checks)
 
 
 PRESETS = {
@@ -122,7 +127,7 @@ def check_config(cfg: Config) -> None:
         raise common.UserError(f"--sr-net must be one of {SR_NETS}, got {cfg.sr_net!r}")
     if cfg.noise_conv not in (1, 3):
         raise common.UserError(f"noise_conv must be 1 or 3, got {cfg.noise_conv}")
-    if cfg.batch_size < 2 and not cfg.spatial_kernel:                     # spatial z_k: BN also pools over h x w
+    if cfg.batch_size < 2 and not cfg.spatial_kernel:    # global batch (netK sees all z_k); spatial: BN pools h x w
         raise common.UserError("netK's BatchNorm normalises over the batch of 1x1 z_k: use a batch size >= 2")
 
 
@@ -142,7 +147,7 @@ def blur_downsample(img_hr: torch.Tensor, kernels: torch.Tensor, scale: int) -> 
 
 
 def blur_downsample_variant(img_hr: torch.Tensor, kernels: torch.Tensor, scale: int) -> torch.Tensor:
-    """Spatially variant version [Eq. 5] with unfold: kernels (B, k, k, h, w), one per LR output pixel."""
+    """Spatially variant version [Eq. 5] with unfold: kernels (B, k, k, h, w), one kernel per LR output pixel [ours]."""
     b, c, h, w = img_hr.shape
     k = kernels.shape[1]
     x = F.pad(img_hr, (k // 2,) * 4, mode="reflect")
@@ -210,7 +215,8 @@ class ResBlockBN(nn.Module):
 class KernelModule(nn.Module):
     """netK [Eqs. 4-6]: z_k (B, f_k, H, W) -> softmax over k*k channels -> kernels (B, k*k, H, W).
 
-    Invariant (default): H = W = 1 and all convs 1x1. Variant [Eq. 5]: 3x3 head/body convs.
+    Invariant (default): H = W = 1 and all convs 1x1. Variant [Eq. 5]: 3x3 head/body convs on z_k at the HR
+    pixels, of whose kernels the PDM keeps one kernel per LR output pixel [ours].
     """
 
     def __init__(self, zk_dim: int = 64, feats: int = 64, n_blocks: int = 16, kernel_size: int = 21,
@@ -260,23 +266,26 @@ class PDM(nn.Module):
         self.deg_kernel = KernelModule(zk_dim, netk_feats, netk_blocks, kernel_size, spatial_kernel)
         self.deg_noise = NoiseModule(zn_dim, netn_feats, netn_blocks, noise_conv) if use_noise else None
 
-    def _z(self, *shape, like: torch.Tensor) -> torch.Tensor:
-        """z ~ N(0, I), or zeros for the fixed-z ablation [Tab. 4]."""
-        return like.new_zeros(shape) if self.fixed_z else torch.randn(shape, device=like.device, dtype=like.dtype)
+    def _z(self, z: torch.Tensor | None, *shape, like: torch.Tensor) -> torch.Tensor:
+        """The caller's z, else z ~ N(0, I) of `shape`; zeros for the fixed-z ablation [Tab. 4]."""
+        z = torch.randn(shape, device=like.device, dtype=like.dtype) if z is None else z.to(like)
+        return torch.zeros_like(z) if self.fixed_z else z
 
-    def forward(self, img_hr: torch.Tensor):
+    def forward(self, img_hr: torch.Tensor, z_k=None, z_n=None, share: slice = slice(None)):
+        """z_k, z_n drawn here unless given. A given z_k may hold a larger batch (a whole global batch) of which img_hr
+        is rows `share`: netK's BatchNorm then normalises over all of them and those rows' kernels are kept."""
         b, _, h, w = img_hr.shape
         k, s = self.kernel_size, self.scale
-        if self.spatial_kernel:  # [Eq. 5] z_k (B, f_k, H, W); kernels kept at the LR output pixels (s i, s j)
-            kernels = self.deg_kernel(self._z(b, self.zk_dim, h, w, like=img_hr))[:, :, ::s, ::s]
+        if self.spatial_kernel:  # [Eq. 5] z_k (B, f_k, H, W) at the HR pixels; one kernel per LR output pixel [ours]
+            kernels = self.deg_kernel(self._z(z_k, b, self.zk_dim, h, w, like=img_hr))[share, :, ::s, ::s]
             kernels = kernels.reshape(b, k, k, h // s, w // s)                   # (B, k, k, h, w)
             y_clean = blur_downsample_variant(img_hr, kernels, s)
         else:  # [Eq. 6] z_k (B, f_k, 1, 1)
-            kernels = self.deg_kernel(self._z(b, self.zk_dim, 1, 1, like=img_hr)).view(b, k, k)  # (B, k, k)
+            kernels = self.deg_kernel(self._z(z_k, b, self.zk_dim, 1, 1, like=img_hr))[share].view(b, k, k)
             y_clean = blur_downsample(img_hr, kernels, s)                         # (B, 3, h, w)
         if self.deg_noise is None:  # clean setting: soft 8-bit rounding, no noise [official code]
             return soft_round(y_clean), kernels, None
-        noise = self.deg_noise(y_clean, self._z(b, self.zn_dim, *y_clean.shape[-2:], like=img_hr))
+        noise = self.deg_noise(y_clean, self._z(z_n, b, self.zn_dim, *y_clean.shape[-2:], like=img_hr))
         # y = y_clean + n, no clamp [Eq. 2]
         return y_clean + noise, kernels, noise
 
@@ -309,25 +318,27 @@ class MeanShift(nn.Conv2d):
 
 
 class ResBlock(nn.Module):
-    """EDSR residual block: conv, ReLU, conv, + input (res scale 1, no BN); keys body.0 / body.2."""
+    """EDSR residual block: x + res_scale * conv(ReLU(conv(x))), no BN; keys body.0 / body.2."""
 
-    def __init__(self, feats: int):
+    def __init__(self, feats: int, res_scale: float = 1.0):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(feats, feats, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(feats, feats, 3, padding=1))
+        self.res_scale = res_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+        return x + self.res_scale * self.body(x)
 
 
 class EDSR(nn.Module):
     """EDSR baseline x4 with EDSR-PyTorch key names; input/output in [0, 1] (internally x255)."""
 
-    def __init__(self, feats: int = 64, n_blocks: int = 16):
+    def __init__(self, feats: int = 64, n_blocks: int = 16, res_scale: float = 1.0):
         super().__init__()
         self.sub_mean, self.add_mean = MeanShift(-1.0), MeanShift(1.0)
         self.head = nn.Sequential(nn.Conv2d(3, feats, 3, padding=1))
-        self.body = nn.Sequential(*[ResBlock(feats) for _ in range(n_blocks)], nn.Conv2d(feats, feats, 3, padding=1))
+        self.body = nn.Sequential(*[ResBlock(feats, res_scale) for _ in range(n_blocks)],
+                                  nn.Conv2d(feats, feats, 3, padding=1))
         upsampler = nn.Sequential(nn.Conv2d(feats, 4 * feats, 3, padding=1), nn.PixelShuffle(2),
                                   nn.Conv2d(feats, 4 * feats, 3, padding=1), nn.PixelShuffle(2))
         self.tail = nn.Sequential(upsampler, nn.Conv2d(feats, 3, 3, padding=1))
@@ -339,12 +350,16 @@ class EDSR(nn.Module):
 
 
 class ResidualDenseBlock(nn.Module):
-    """BasicSR dense block: 5 convs with growth g, LeakyReLU(0.2) after the first four; x + 0.2 conv5."""
+    """BasicSR dense block: 5 convs with growth g, LeakyReLU(0.2) after the first four; x + 0.2 conv5. Init as
+    released [official code] (BasicSR default_init_weights, scale 0.1): Kaiming normal (fan_in) x 0.1, bias 0."""
 
     def __init__(self, feats: int = 64, growth: int = 32):
         super().__init__()
         for i in range(1, 6):
-            setattr(self, f"conv{i}", nn.Conv2d(feats + (i - 1) * growth, feats if i == 5 else growth, 3, 1, 1))
+            conv = nn.Conv2d(feats + (i - 1) * growth, feats if i == 5 else growth, 3, 1, 1)
+            nn.init.normal_(conv.weight, std=0.1 * math.sqrt(2 / conv.weight[0].numel()))  # 0.1 x Kaiming (fan_in)
+            nn.init.zeros_(conv.bias)
+            setattr(self, f"conv{i}", conv)
         self.lrelu = nn.LeakyReLU(0.2, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -393,7 +408,7 @@ def build_sr(cfg: Config) -> nn.Module:
     blocks = cfg.sr_blocks or {"edsr": 16, "rrdb": 23}[cfg.sr_net]
     if cfg.sr_net == "rrdb":
         return RRDBNet(cfg.sr_feats, blocks, cfg.rrdb_growth)
-    return EDSR(cfg.sr_feats, blocks)
+    return EDSR(cfg.sr_feats, blocks, cfg.edsr_res_scale)
 
 
 # ---- 4. Losses ---------------------------------------------------------------------------------------------
@@ -421,10 +436,24 @@ def _update(loss: torch.Tensor, module: nn.Module, optimizer, max_norm: float) -
     optimizer.step()
 
 
-def pdm_step(pdm, disc, optimizer, img_hr, cfg: Config, check) -> tuple[torch.Tensor, dict]:
-    """Step 2: l_total = l_adv + lambda l_reg on the PDM; D frozen (requires_grad off) [Eq. 13]; float32 also
-    under --amp, the kernel and noise heads are small [ours]."""
-    img_fake, _, noise = pdm(img_hr)  # (B, 3, h, w), graph kept for l_adv
+def draw_z(rnd: common.StepRandom | None, cfg: Config, img_hr: torch.Tensor) -> dict:
+    """The step's z_k, z_n [ours]: sample i of step t gets the same z with 1 or N processes (no rnd: the PDM draws).
+    1x1 z_k for the whole global batch: netK runs on all B of them in every process (B x f_k numbers), so its
+    BatchNorm sees what one process would. z_n and a spatial z_k: this process's share."""
+    if rnd is None:
+        return {}
+    h, w = img_hr.shape[-2:]
+    z_n = rnd.randn(cfg.zn_dim, h // cfg.scale, w // cfg.scale) if cfg.use_noise else None     # (b, f_n, h, w)
+    if cfg.spatial_kernel:
+        return {"z_k": rnd.randn(cfg.zk_dim, h, w), "z_n": z_n}                                  # (b, f_k, H, W)
+    z_k = torch.randn(rnd.batch, cfg.zk_dim, 1, 1, generator=rnd.generator, device=rnd.device)    # (B, f_k, 1, 1)
+    return {"z_k": z_k, "z_n": z_n, "share": rnd.part}
+
+
+def pdm_step(pdm, disc, optimizer, img_hr, cfg: Config, check, rnd=None) -> tuple[torch.Tensor, dict]:
+    """Step 2: l_total = l_adv + lambda l_reg on the PDM; D frozen (requires_grad off) [Eq. 13]; float32 also under
+    --amp, the kernel and noise heads are small [ours]. Means over equal shares: DDP averages them to the global's."""
+    img_fake, _, noise = pdm(img_hr, **draw_z(rnd, cfg, img_hr))  # (b, 3, h, w), graph kept for l_adv
     disc_module = common.unwrap(disc)  # no DDP sync: D is not updated by this loss
     disc_module.requires_grad_(False)
     l_adv = lsgan_generator_loss(disc_module(img_fake))
@@ -459,14 +488,14 @@ def sr_step(sr_net, optimizer, img_fake, img_hr, cfg: Config, amp: bool, check) 
     return {"l_sr": loss.item()}
 
 
-def train_step(stage: str, nets: dict, opts: dict, img_hr, img_real, cfg: Config, amp: bool, check) -> dict:
+def train_step(stage: str, nets: dict, opts: dict, img_hr, img_real, cfg: Config, amp: bool, check, rnd=None) -> dict:
     """One step in the released order: PDM, then D, then SR on the pre-update synthetic LR [spec 3]."""
     scalars = {}
     if stage == "sr":  # frozen PDM, BN still in train mode as released
         with torch.no_grad():
-            img_fake = nets["pdm"](img_hr)[0]
+            img_fake = nets["pdm"](img_hr, **draw_z(rnd, cfg, img_hr))[0]
     else:
-        img_fake, scalars = pdm_step(nets["pdm"], nets["disc"], opts["pdm"], img_hr, cfg, check)
+        img_fake, scalars = pdm_step(nets["pdm"], nets["disc"], opts["pdm"], img_hr, cfg, check, rnd)
         scalars.update(disc_step(nets["disc"], opts["disc"], img_real, img_fake, cfg, amp, check))
     if stage != "deg":
         scalars.update(sr_step(nets["sr"], opts["sr"], img_fake, img_hr, cfg, amp, check))
@@ -498,15 +527,15 @@ def build_training(cfg: Config, stage: str, deg_ckpt, sr_init, device) -> tuple[
 
 
 def patch_stream(dirs, patch: int, cfg: Config, seed: int, start: int, args, dist, device, what: str):
-    """Endless (B, 3, P, P) crops with flips/transpose (= flips + rot90) [official code]; exact on --resume."""
+    """Endless (b, 3, P, P) crops with flips/transpose (= flips + rot90) [official code]: this process's share of
+    global items t B ... t B + B - 1 at step t, so the same crops with any number of processes and on --resume."""
     try:
         dataset = common.HRPatches(dirs, patch)
     except common.UserError as err:
         raise common.UserError(f"{what} folder: {str(err).replace('HR training patch', f'{what} patch')}") from None
     loader = common.infinite_batches(dataset, cfg.batch_size, device, seed=seed, start_step=start,
                                      workers=args.workers, dist=dist)
-    with torch.random.fork_rng(devices=[]):  # the loader draws a base seed: keep it out of the training RNG
-        return itertools.chain([next(loader)], loader), loader
+    return itertools.chain([next(loader)], loader), loader  # loads the first batch now: errors before step 1
 
 
 def _payload(cfg, stage, step, nets, opts, scheds, rng, deg_ckpt) -> dict:
@@ -526,18 +555,32 @@ def _restore(path, stage, nets, opts, scheds, dist, device) -> int:
     for name in opts:
         opts[name].load_state_dict(ckpt["optimizer"][name])
         scheds[name].load_state_dict(ckpt["scheduler"][name])
-    common.set_rng_state(ckpt["rng"], dist)  # every rank continues its own z draws
+    common.set_rng_state(ckpt["rng"], dist)  # training draws come from StepRandom(seed, step): any world size
     return int(ckpt["step"])
+
+
+def sync_batchnorm(pdm: PDM, dist, device) -> None:
+    """Under DDP the BatchNorm layers that see this process's data (netN; netK with spatial z_k) normalise over the
+    global batch on CUDA (SyncBatchNorm); gloo has none, so on CPU they use this process's share [ours]."""
+    names = ["deg_noise"] * (pdm.deg_noise is not None) + ["deg_kernel"] * pdm.spatial_kernel
+    if dist.enabled and names and device.type == "cuda":
+        for name in names:
+            setattr(pdm, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(pdm, name)))
+    elif dist.enabled and names and dist.is_main:
+        print(f"note: on CPU the BatchNorm of {' and '.join(names)} normalises over each process's share (no "
+              f"SyncBatchNorm): {dist.world_size} processes train close to, not exactly, what one would", flush=True)
 
 
 def train(cfg: Config, args, stage: str, resume: Path | None) -> Path:
     """Stages joint (Sec. 3.4, default), deg (PDM + D only) and sr (frozen PDM from --deg-ckpt)."""
     device = common.pick_device(args.device)
     dist = common.ddp_setup(device)
-    common.seed_everything(cfg.seed + dist.rank)  # each rank draws its own z
+    common.seed_everything(cfg.seed + dist.rank)  # rank 0 = a single process; training draws use StepRandom
     nets, opts, scheds = build_training(cfg, stage, args.deg_ckpt if stage == "sr" and not resume else None,
                                          None if resume else args.sr_init, device)    # resumed: all from last.pt
     start = _restore(resume, stage, nets, opts, scheds, dist, device) if resume else 0
+    common.writable_dir(args.out_dir)                               # before the data is read
+    sync_batchnorm(nets["pdm"], dist, device)
     if args.channels_last and device.type == "cuda":                     # cuDNN then keeps NHWC activations
         nets = {k: n.to(memory_format=torch.channels_last) for k, n in nets.items()}
     wrapped = {k: common.wrap_ddp(n, dist) if k in opts else n for k, n in nets.items()}
@@ -546,7 +589,8 @@ def train(cfg: Config, args, stage: str, resume: Path | None) -> Path:
                                                   "LR")
                              if stage != "sr" else (itertools.repeat(None), None))
     out_dir = Path(args.out_dir)
-    log, last = common.RunLog(out_dir, cfg.steps, enabled=dist.is_main, start_step=start), out_dir / "last.pt"
+    log = common.RunLog(out_dir, cfg.steps, enabled=dist.is_main, start_step=start, batch=cfg.batch_size, dist=dist)
+    last = out_dir / "last.pt"
     last_good = [resume or "(none written yet)"]
     step = start
 
@@ -556,10 +600,14 @@ def train(cfg: Config, args, stage: str, resume: Path | None) -> Path:
     try:
         with common.stop_on_signals() as flag:
             for step in range(start + 1, cfg.steps + 1):
-                scalars = train_step(stage, wrapped, opts, next(hr_batches), next(lr_batches), cfg, args.amp, check)
+                rnd = common.StepRandom(cfg.seed, step, cfg.batch_size, dist, device)  # same z with 1 or N processes
+                scalars = train_step(stage, wrapped, opts, next(hr_batches), next(lr_batches), cfg, args.amp, check,
+                                     rnd)
                 for sched in scheds.values():
                     sched.step()
-                if step % args.log_every == 0 or step == cfg.steps:
+                if step % args.log_every == 0 or step == cfg.steps:  # the global batch's losses (equal shares)
+                    means = common.all_reduce_mean(torch.tensor(list(scalars.values()), device=device), dist)
+                    scalars = dict(zip(scalars, means.tolist()))
                     lr_now = next(iter(opts.values())).param_groups[0]["lr"]
                     log.log(step, stage, loss=scalars.get("l_sr", scalars.get("l_adv", 0.0)), **scalars, lr=lr_now)
                 stop = step < cfg.steps and common.stop_requested(flag, dist, device)
@@ -568,10 +616,8 @@ def train(cfg: Config, args, stage: str, resume: Path | None) -> Path:
                     if dist.is_main:
                         common.save_checkpoint(last, _payload(cfg, stage, step, nets, opts, scheds, rng, args.deg_ckpt))
                     last_good[0] = last
-                if stop and dist.is_main:
-                    print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
                 if stop:
-                    break
+                    common.leave_on_signal(flag, step, last, dist)  # exit status 128 + signal
     finally:                                     # also on an error: a failing rank must not leave its peers waiting
         for loader in (hr_loader, lr_loader):
             if loader is not None:
@@ -586,12 +632,13 @@ def load_for_inference(args, device) -> tuple[nn.Module, Config, str]:
     if bool(args.ckpt) == bool(args.official_weights):
         raise common.UserError("give exactly one of --ckpt FILE (from `train`) or --official-weights FILE")
     if args.official_weights:
-        cfg = Config(sr_net=args.sr_net)
+        cfg = Config(sr_net=args.sr_net, edsr_res_scale=args.edsr_res_scale)
         model = build_sr(cfg)
         model.load_state_dict(convert_official(read_official(args.official_weights), model, args.sr_net))
+        args.source = f"{args.official_weights} (released)"
     else:
         ckpt = common.load_checkpoint(args.ckpt, SCRIPT, ("joint", "sr"), device="cpu")
-        cfg = Config(**ckpt["config"])
+        cfg, args.source = Config(**ckpt["config"]), f"{args.ckpt} (step {ckpt['step']})"
         model = build_sr(cfg)
         model.load_state_dict(ckpt["model"])
     if args.scale != cfg.scale:
@@ -605,8 +652,10 @@ def evaluate(args) -> list[dict]:
     model, cfg, name = load_for_inference(args, device)
     model = model.to(memory_format=torch.channels_last) if args.channels_last and device.type == "cuda" else model
     name += f" tile{args.tile}" if args.tile else ""
-    out_dir = Path(args.out_dir)
+    out_dir = common.writable_dir(args.out_dir)                      # all checked before the first image
     save_dir = out_dir / "images" if args.save_images else None
+    for data in [] if args.lr_data else args.data:
+        common.find_benchmark(data, args.data_root)
 
     def whole_image_sr(img_lr):
         with common.autocast(device, args.amp):
@@ -619,18 +668,18 @@ def evaluate(args) -> list[dict]:
     summary = []
     for data in args.data:
         if args.lr_data:
-            rows = common.run_paired(sr_fn, args.lr_data, data, args.scale, device, None, save_dir, args.limit)
+            rows = common.run_paired(sr_fn, args.lr_data, data, args.scale, device, None, save_dir, args.limit, name)
             ref = common.run_paired(common.bicubic_sr(args.scale), args.lr_data, data, args.scale, device, None, None,
-                                    args.limit)
+                                    args.limit, "bicubic")
         else:
             rows = common.run_benchmark(sr_fn, data, args.protocol, args.scale, args.data_root, device, save_dir,
-                                        args.limit)
+                                        args.limit, name)
             ref = common.run_benchmark(common.bicubic_sr(args.scale), data, args.protocol, args.scale,
-                                       args.data_root, device, limit=args.limit)
+                                       args.data_root, device, limit=args.limit, name="bicubic")
         protocol = "paired" if args.lr_data else args.protocol
-        for method, result in ((name, rows), ("bicubic", ref)):
+        for method, result, source in ((name, rows, args.source), ("bicubic", ref, "")):
             table = common.summarize(result)
-            common.report(table, f"{method} x{args.scale} {protocol} {table[0]['set']}", out_dir)
+            common.report(table, f"{method} x{args.scale} {protocol} {table[0]['set']}", out_dir, source, args.limit)
         summary += common.summarize(rows)
     print(f"\nresults: {out_dir / 'results.md'}")
     return summary
@@ -668,22 +717,22 @@ def sample(args) -> Path:
     pdm.load_state_dict(ckpt["pdm"])
     pdm.to(device).eval()
     common.seed_everything(args.seed if args.seed is not None else cfg.seed)
-    out, rows, widths = Path(args.out), [], []
+    out, rows, drawn = Path(args.out), [], []
     for path in common.list_images(args.hr_dir)[: args.limit]:
         img_hr = torch.from_numpy(common.modcrop(common.load_uint8(path), cfg.scale)).permute(2, 0, 1) / 255
         img_lr, kernels, noise = pdm(img_hr.float()[None].to(device).expand(args.n_samples, -1, -1, -1))
-        if cfg.spatial_kernel:  # show the kernel at the centre pixel
+        if cfg.spatial_kernel:  # the kernel of the centre LR output pixel
             kernels = kernels[..., kernels.shape[-2] // 2, kernels.shape[-1] // 2]
         row = []
         for i in range(args.n_samples):
             common.save_image(common.quantize(img_lr[i]), out / f"{path.stem}_s{i}.png")
             row.append((img_lr[i].cpu(), kernels[i].cpu()[None], None if noise is None else noise[i].cpu()))
-            widths.append(kernel_widths(kernels[i].cpu()))
         rows.append(row)
+        drawn.append(kernels.cpu())
     draw_sheet(rows, out / "kernels_noise.png")
-    mean_w = torch.stack(widths).mean(0).tolist()
-    print(f"wrote {len(widths)} LR samples and {out / 'kernels_noise.png'}; mean kernel widths "
-          f"{mean_w[0]:.2f} / {mean_w[1]:.2f} HR px")
+    widths = kernel_widths(torch.cat(drawn).mean(0)).tolist()  # of the mean kernel E_z[k] (spec 5)
+    print(f"wrote {sum(map(len, rows))} LR samples and {out / 'kernels_noise.png'}; widths of the mean kernel "
+          f"{widths[0]:.2f} / {widths[1]:.2f} HR px")
     return out / "kernels_noise.png"
 
 
@@ -733,12 +782,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="PDM + SR on unpaired HR/LR (joint), or the two-step deg / sr stages")
     tr.add_argument("--stage", choices=STAGES, default="joint")
-    tr.add_argument("--preset", choices=tuple(PRESETS), default="paper")
+    tr.add_argument("--preset", choices=tuple(PRESETS), help="paper (default) or smoke (a tiny model for trials)")
     tr.add_argument("--hr-dir", "--data-dir", dest="hr_dir", nargs="+", required=True, help="clean HR folder(s)")
     tr.add_argument("--lr-dir", nargs="+", help="real LR folder(s), unpaired (stages joint and deg)")
     tr.add_argument("--deg-ckpt", help="stage sr: a deg/joint checkpoint whose PDM generates the pairs")
     tr.add_argument("--steps", type=common.at_least(1))
-    tr.add_argument("--batch-size", type=common.at_least(1))
+    tr.add_argument("--batch-size", type=common.at_least(1), help="override the global batch size (N processes "
+                                                                   "take batch / N each)")
     tr.add_argument("--save-every", type=common.at_least(1))
     tr.add_argument("--resume", nargs="?", const="", help="checkpoint to resume (no value: <out-dir>/last.pt)")
     tr.add_argument("--sr-net", choices=SR_NETS)
@@ -748,11 +798,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--spatial-kernel", action=argparse.BooleanOptionalAction, default=None, help="[Eq. 5]")
     tr.add_argument("--lambda-reg", type=common.at_least(0, float), help="noise regulariser weight (paper 100)")
     tr.add_argument("--sr-init", help="initialise netSR from official-layout weights (EDSR-PyTorch / BasicSR)")
+    tr.add_argument("--edsr-res-scale", type=float, help="EDSR residual scale (default 1, as released)")
     common.add_run_args(tr)
     ev = sub.add_parser("eval", help="paired validation data or benchmark protocols, + bicubic row")
     ev.add_argument("--ckpt", help="joint or sr checkpoint written by `train`")
     ev.add_argument("--official-weights", help="released SR checkpoint (.pth)")
     ev.add_argument("--sr-net", choices=SR_NETS, default="edsr", help="layout of --official-weights")
+    ev.add_argument("--edsr-res-scale", type=float, default=Config.edsr_res_scale, help="EDSR residual scale of "
+                    "--official-weights (default 1, as every released config; the weights cannot tell)")
     ev.add_argument("--lr-data", help="LR folder matched by name to the single HR folder in --data")
     ev.add_argument("--tile", type=common.at_least(0), default=0, help="LR tiles of N px (default 0: whole image)")
     ev.add_argument("--tile-overlap", type=common.at_least(0), default=16, help="LR px of context (default 16)")
@@ -778,12 +831,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def explicit_flags(args) -> dict:
+    """{config field: value} of the training flags given on the command line (None: not given), --steps aside."""
+    return {"batch_size": args.batch_size, "save_every": args.save_every, "sr_net": args.sr_net,
+            "use_noise": args.use_noise, "fixed_z": args.fixed_z, "spatial_kernel": args.spatial_kernel,
+            "lambda_reg": args.lambda_reg, "seed": args.seed, "edsr_res_scale": args.edsr_res_scale,
+            "preset": args.preset}
+
+
 def config_from_args(args) -> Config:
     """Preset, then explicit flags; with --resume the checkpoint's config (only --steps may change)."""
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "save_every": args.save_every,
-                 "sr_net": args.sr_net, "use_noise": args.use_noise, "fixed_z": args.fixed_z,
-                 "spatial_kernel": args.spatial_kernel, "lambda_reg": args.lambda_reg, "seed": args.seed}
-    cfg = dataclasses.replace(Config(), **PRESETS[args.preset])
+    overrides = {**explicit_flags(args), "steps": args.steps}
+    cfg = dataclasses.replace(Config(), **PRESETS[args.preset or "paper"])
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -792,7 +851,7 @@ def prepare_train(args) -> tuple[Config, Path | None]:
     cfg, resume = config_from_args(args), None
     if args.resume is not None:
         resume = Path(args.resume or Path(args.out_dir) / "last.pt")
-        saved = common.resumed(resume, SCRIPT, (args.stage,), args.steps)
+        saved = common.resumed(resume, SCRIPT, (args.stage,), args.steps, explicit_flags(args), {"use_noise": "noise"})
         cfg = Config(**saved["config"])
         args.deg_ckpt = saved.get("deg_ckpt") or args.deg_ckpt
     elif args.stage == "sr":
@@ -808,7 +867,7 @@ def prepare_train(args) -> tuple[Config, Path | None]:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
+    with common.cli_errors():
         if args.command == "train":
             cfg, resume = prepare_train(args)
             return train(cfg, args, args.stage, resume)
@@ -820,8 +879,6 @@ def main(argv=None):
             return sample(args)
         args.out_dir = args.out_dir or f"runs/{SCRIPT}/eval"
         return evaluate(args)
-    except common.UserError as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ official-weights converter, kernel recovery on a hidden degradation, CLI end-to-
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,33 @@ def test_shapes_and_initial_kernel():
     assert pdm_sr.RRDBNet(16, 1, 8)(torch.rand(1, 3, 8, 10)).shape == (1, 3, 32, 40)
 
 
+def test_edsr_residual_scale_is_the_released_one_and_a_config_field(shared, tmp_path):
+    """Every released config sets res_scale 1 (spec 1.5); the weights cannot tell 1 from 0.1, so eval assumes 1."""
+    assert pdm_sr.Config().edsr_res_scale == 1.0
+    torch.manual_seed(0)
+    released, tenth = (pdm_sr.build_sr(pdm_sr.Config(sr_blocks=2, sr_feats=16, edsr_res_scale=r)) for r in (1.0, 0.1))
+    tenth.load_state_dict(released.state_dict())
+    x = torch.rand(1, 3, 8, 8)
+    assert [b.res_scale for b in tenth.body[:-1]] == [0.1, 0.1] and not torch.allclose(released(x), tenth(x))
+    torch.save(manifest_state(shared, "netSR@EDSR"), tmp_path / "edsr.pth")
+    for flags, res_scale in (([], 1.0), (["--edsr-res-scale", "0.1"], 0.1)):
+        args = pdm_sr.build_parser().parse_args(["eval", "--official-weights", str(tmp_path / "edsr.pth"), *flags])
+        model, cfg, _ = pdm_sr.load_for_inference(args, "cpu")
+        assert cfg.edsr_res_scale == model.body[0].res_scale == res_scale
+
+
+def test_rrdb_dense_convs_start_as_released():
+    """BasicSR's default_init_weights(scale 0.1): Kaiming normal (fan_in) x 0.1 and bias 0 in every dense block;
+    PyTorch's default (std 1 / sqrt(3 fan_in), about 4x larger here) elsewhere."""
+    torch.manual_seed(0)
+    net = pdm_sr.RRDBNet(64, 2, 32)
+    for i, fan_in in enumerate((64, 96, 128, 160, 192), start=1):
+        conv = getattr(net.body[1].rdb3, f"conv{i}")
+        assert conv.weight.std().item() == pytest.approx(0.1 * math.sqrt(2 / (9 * fan_in)), rel=0.05)
+        assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+    assert net.conv_body.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 9 * 64), rel=0.05)
+
+
 # ---- degradation -------------------------------------------------------------------------------------------
 def test_delta_kernel_is_exact_subsample():
     x = torch.rand(3, 3, 40, 48)
@@ -108,6 +136,43 @@ def test_learned_kernels_nonnegative_and_sum_to_one(spatial):
     assert (kernels >= 0).all()
     torch.testing.assert_close(kernels.sum(dim=(1, 2)), torch.ones(kernels.shape[:1] + kernels.shape[3:]))
     assert kernels.std(dim=0).max() > 1e-4  # z_k really varies the kernel
+
+
+def test_each_sample_gets_the_same_z_and_kernel_with_any_number_of_processes():
+    """StepRandom: z_n of sample i is the same with 1 or 2 processes; netK runs on all 4 z_k in each process, so its
+    BatchNorm (train mode) gives every sample the kernel one process gives it. netN's BatchNorm normalises over the
+    process's share: on CPU the noise differs (CUDA: SyncBatchNorm)."""
+    cfg = pdm_sr.Config(**pdm_sr.PRESETS["smoke"])
+    torch.manual_seed(0)
+    pdm = pdm_sr.build_pdm(cfg).train()
+    with torch.no_grad():
+        for p in pdm.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # away from the zero-init heads: kernels and noise vary
+    x = torch.rand(4, 3, 48, 48)
+    draws = [pdm_sr.draw_z(common.StepRandom(0, 5, 4, common.Dist(r, n), "cpu"), cfg, x[:4 // n])
+             for r, n in ((0, 1), (0, 2), (1, 2))]
+    assert all(torch.equal(d["z_k"], draws[0]["z_k"]) for d in draws) and draws[0]["z_k"].shape == (4, 64, 1, 1)
+    assert torch.equal(torch.cat([d["z_n"] for d in draws[1:]]), draws[0]["z_n"])  # (4, 3, 12, 12)
+    _, kernels, noise = pdm(x, **draws[0])
+    halves = [pdm(x[2 * r:2 * r + 2], **d) for r, d in enumerate(draws[1:])]
+    assert torch.equal(torch.cat([h[1] for h in halves]), kernels)
+    assert not torch.allclose(torch.cat([h[2] for h in halves]), noise)
+
+
+def test_spatial_kernels_need_z_k_at_every_hr_pixel():
+    """[Eq. 5] z_k lives on the HR grid and 3x3 convs mix neighbours, so the kernel of an LR output pixel also depends
+    on z_k between the LR pixels: drawing z_k at the LR resolution only would be another model (not done)."""
+    torch.manual_seed(0)
+    pdm = pdm_sr.PDM(zk_dim=4, netk_feats=8, netk_blocks=1, spatial_kernel=True, use_noise=False).eval()
+    with torch.no_grad():
+        pdm.deg_kernel.deg_kernel[-2].weight.normal_()
+    x, z_k = torch.rand(1, 3, 32, 32), torch.randn(1, 4, 32, 32)
+    moved = z_k.clone()
+    moved[:, :, 9, 9] += 1                 # HR pixel (9, 9): LR output pixels sit at multiples of 4
+    with torch.no_grad():
+        before, after = pdm(x, z_k=z_k)[1], pdm(x, z_k=moved)[1]                # (1, 21, 21, 8, 8)
+    changed = (after - before).abs().amax(dim=(0, 1, 2)) > 0                    # (8, 8); receptive field +-3 HR px
+    assert before.shape == (1, 21, 21, 8, 8) and changed.nonzero().tolist() == [[2, 2], [2, 3], [3, 2], [3, 3]]
 
 
 def test_pdm_with_hidden_kernel_reproduces_stand_in():
@@ -311,6 +376,19 @@ def test_train_sample_eval_end_to_end(tiny_hr_dir, lr_dir, tiny_bench_root, tmp_
     assert "| PSNR (Y) | SSIM (Y) | PSNR RGB | SSIM RGB | n |" in (tmp_path / "ev2" / "results.md").read_text()
 
 
+def test_sample_reports_the_widths_of_the_mean_kernel(tiny_hr_dir, lr_dir, tmp_path, monkeypatch, capsys):
+    pdm_sr.main(["train", *SMOKE, "--hr-dir", str(tiny_hr_dir), "--lr-dir", str(lr_dir), "--steps", "1",
+                 "--out-dir", str(tmp_path)])
+    measured, sheets = [], []
+    monkeypatch.setattr(pdm_sr, "kernel_widths", lambda k: measured.append(k) or torch.tensor([2.0, 1.0]))
+    monkeypatch.setattr(pdm_sr, "draw_sheet", lambda rows, path: sheets.append(rows))
+    pdm_sr.main(["sample", "--ckpt", str(tmp_path / "last.pt"), "--hr-dir", str(tiny_hr_dir), "--out",
+                 str(tmp_path / "s"), "--n-samples", "3", "--limit", "2", "--device", "cpu"])
+    drawn = torch.cat([kernel for row in sheets[0] for _, kernel, _ in row])     # (6, 21, 21)
+    assert len(measured) == 1 and torch.allclose(measured[0], drawn.mean(0))   # E_z[k] (spec 5), not mean widths
+    assert "wrote 6 LR samples" in (out := capsys.readouterr().out) and "widths of the mean kernel 2.00 / 1.00" in out
+
+
 def test_two_step_stages_and_switches(tiny_hr_dir, lr_dir, tmp_path):
     pdm_sr.main(["train", *SMOKE, "--stage", "deg", "--hr-dir", str(tiny_hr_dir), "--lr-dir", str(lr_dir),
                  "--out-dir", str(tmp_path / "deg"), "--steps", "2", "--no-noise"])
@@ -368,7 +446,9 @@ def test_sigterm_stops_after_the_step_and_resume_matches(tiny_hr_dir, lr_dir, tm
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(common.RunLog, "log", log_then_signal)
-    pdm_sr.main([*base, "--out-dir", str(tmp_path / "b")])
+    with pytest.raises(SystemExit) as exit_info:             # 128 + SIGTERM
+        pdm_sr.main([*base, "--out-dir", str(tmp_path / "b")])
+    assert exit_info.value.code == 143
     monkeypatch.setattr(common.RunLog, "log", original)
     assert "stopped by signal at step 3" in capsys.readouterr().out
     assert {sig: signal.getsignal(sig) for sig in before} == before  # handlers restored
@@ -418,18 +498,55 @@ def test_eval_wrong_scale_and_tiles(tiny_hr_dir, lr_dir, tiny_bench_root, tmp_pa
     assert tiles[-1]["psnr"] == pytest.approx(whole[-1]["psnr"], abs=1e-3)  # overlap covers the receptive field
 
 
-def test_torchrun_two_ranks_agree(tiny_hr_dir, lr_dir, tmp_path):
+def torchrun(cwd, *args) -> tuple[list[dict], str]:
+    """`pdm_sr.py train ...` under torchrun with two CPU ranks (tests/ddp_train_probe.py): the probes' JSON, stdout."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "ddp_train_probe.py"), "pdm_sr", "train", *SMOKE, "--hr-dir", str(tiny_hr_dir),
-           "--lr-dir", str(lr_dir), "--out-dir", str(tmp_path), "--steps", "3"]
-    result = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=180)
+           str(REPO / "tests" / "ddp_train_probe.py"), "pdm_sr", "train", *SMOKE, *args]
+    result = subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    # both ranks print to one pipe: their lines can interleave, so pick out every {...} object
+    return [json.loads(obj) for obj in re.findall(r'\{"rank"[^{}]*\}', result.stdout)], result.stdout
+
+
+def test_torchrun_two_ranks_agree_and_say_what_cpu_cannot_match(tiny_hr_dir, lr_dir, tmp_path):
+    """With netN on CPU (gloo, no SyncBatchNorm) its BatchNorm normalises over each process's share: the ranks agree
+    with each other, the run says it is not exactly the one-process run, and it is not."""
+    data = ["--hr-dir", str(tiny_hr_dir), "--lr-dir", str(lr_dir), "--steps", "3"]
+    records, stdout = torchrun(tmp_path, *data, "--out-dir", str(tmp_path / "two"))
     assert sorted(r["rank"] for r in records) == [0, 1] and all(r["world"] == 2 for r in records)
     assert all(r["ranks_agree"] and r["models"] == 3 for r in records)  # PDM, D and SR all under DDP
     assert records[0]["checksum"] == records[1]["checksum"]
-    assert common.load_checkpoint(tmp_path / "last.pt", "pdm_sr")["step"] == 3
+    assert stdout.count("note: on CPU the BatchNorm of deg_noise normalises over each process's share") == 1
+    two = common.load_checkpoint(tmp_path / "two" / "last.pt", "pdm_sr")
+    one = common.load_checkpoint(pdm_sr.main(["train", *SMOKE, *data, "--out-dir", str(tmp_path / "one")]), "pdm_sr")
+    netn = [k for k in one["pdm"] if k.startswith("deg_noise") and k.endswith("weight")]
+    assert two["step"] == 3 and not all(torch.allclose(two["pdm"][k], one["pdm"][k]) for k in netn)
+
+
+def test_two_processes_compute_the_run_of_one(tiny_hr_dir, lr_dir, tmp_path):
+    """Global batch 4 without netN: two processes taking 2 each (steps 1-2), then one resumed (step 3), compute the
+    3 steps one process computes. Stage sr (frozen PDM; BN over all 4 z_k on both): the same weights to 1e-5. Joint:
+    the same computation, to within 5 % of one Adam step (lr 1e-3) after 3 steps; left out are the PatchGAN's conv
+    biases before InstanceNorm, which cannot change its output: their gradient is 0 but for rounding, which Adam
+    turns into +-lr steps. The logged losses are the global batch's on both."""
+    train = ["--hr-dir", str(tiny_hr_dir), "--batch-size", "4"]
+    joint = [*train, "--lr-dir", str(lr_dir), "--no-noise"]
+    one = pdm_sr.main(["train", *SMOKE, *joint, "--steps", "3", "--out-dir", str(tmp_path / "one")])
+    sr = [*train, "--stage", "sr", "--deg-ckpt", str(one)]
+    sr_one = pdm_sr.main(["train", *SMOKE, *sr, "--steps", "3", "--out-dir", str(tmp_path / "sr_one")])
+    for run, args, tol in (("mixed", joint, 5e-5), ("sr_mixed", sr, 1e-7)):
+        _, stdout = torchrun(tmp_path, *args, "--steps", "2", "--out-dir", str(tmp_path / run))  # 2 processes ...
+        assert "note:" not in stdout
+        pdm_sr.main(["train", *SMOKE, *args, "--steps", "3", "--out-dir", str(tmp_path / run), "--resume"])  # ... 1
+        ref = common.load_checkpoint(one if run == "mixed" else sr_one, "pdm_sr")
+        ckpt = common.load_checkpoint(tmp_path / run / "last.pt", "pdm_sr")
+        for part in ("model", "pdm", "disc") if run == "mixed" else ("model", "pdm"):
+            for key, value in ref[part].items():
+                if not (part == "disc" and key in ("model.2.bias", "model.5.bias", "model.8.bias")):
+                    torch.testing.assert_close(ckpt[part][key], value, rtol=1e-5, atol=tol, msg=f"{run}: {part} {key}")
+        two, single = (log_records(tmp_path / name)[1] for name in (run, "one" if run == "mixed" else "sr_one"))
+        assert two["step"] == 2 and all(two[k] == pytest.approx(single[k], rel=1e-5) for k in single if k[:2] == "l_")
 
 
 def test_anisotropic_kernel_recovery_reports_distances(capsys):
