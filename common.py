@@ -938,6 +938,13 @@ def stop_on_signals():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
+def leave_on_signal(flag: dict, step: int, last, dist: Dist) -> None:
+    """After a signal stopped training and last.pt is written: say so, exit with 128 + the signal (130 SIGINT, 143
+    SIGTERM) as a shell does, so `train && eval` or a chain of stages does not go on with a half-trained model."""
+    if dist.is_main:
+        print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
+    raise SystemExit(128 + (flag["signal"] or signal.SIGTERM))   # a rank told by another: its signal is not known
+
 def stop_requested(flag: dict, dist: Dist, device) -> bool:
     """True on every rank once any rank was signalled (under DDP all ranks must stop at the same step)."""
     if not dist.enabled:

@@ -595,9 +595,7 @@ def fit(cfg: Config, args, stage: str, model: KDSR, step_fn, resume: Path | None
                     common.save_checkpoint(last, _payload(cfg, stage, step, state, pools, rng, extra))
                 last_good = last
             if stop:
-                if dist.is_main:
-                    print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
-                break
+                common.leave_on_signal(flag, step, last, dist)      # exit status 128 + signal
     return last
 
 

@@ -113,6 +113,7 @@ class Config:
     student_iters: int = 647             # [official code]
     student_halve_every: int = 125       # [official code]
     steps: int = 0                       # [ours] 0: the stage's full schedule; else stop at this step
+    preset: str = "paper"                # [ours] the preset the run started from (a label --resume checks)
 
 
 PRESETS = {
@@ -479,13 +480,14 @@ def fit(cfg: Config, args, stage: str, model: nn.Module, step_fn, resume: Path |
     params = [p for p in model.parameters() if p.requires_grad]  # frozen: mean shift, MLN upscaler
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
     start = _restore(resume, model, optimizer, stage, dist, device) if resume else 0
+    common.writable_dir(args.out_dir)                               # before the data is read
     net = common.wrap_ddp(model, dist, find_unused=find_unused)
     dataset = common.HRPatches(args.data_dir, cfg.lr_patch * cfg.scale)
     batches = common.infinite_batches(dataset, batch_size(cfg, stage), device, seed=cfg.seed, start_step=start,
                                       workers=args.workers, dist=dist)  # step k always sees the same crops
     steps, out_dir = total_steps(cfg, stage), Path(args.out_dir)
-    log, last = common.RunLog(out_dir, steps, enabled=dist.is_main, start_step=start), out_dir / "last.pt"
-    last_good = resume or "(none written yet)"
+    log = common.RunLog(out_dir, steps, enabled=dist.is_main, start_step=start, batch=batch_size(cfg, stage), dist=dist)
+    last, last_good = out_dir / "last.pt", resume or "(none written yet)"
     with common.stop_on_signals() as flag, contextlib.closing(batches):
         for step in range(start + 1, steps + 1):
             learning_rate, estimator_only = schedule(cfg, stage, step)
@@ -515,9 +517,7 @@ def fit(cfg: Config, args, stage: str, model: nn.Module, step_fn, resume: Path |
                         "rng": rng, **(extra or {})})
                 last_good = last
             if stop:
-                if dist.is_main:
-                    print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
-                break
+                common.leave_on_signal(flag, step, last, dist)      # exit status 128 + signal
     return last
 
 
@@ -666,9 +666,10 @@ def load_for_inference(args, device) -> tuple[MRDA, MLN | None, Config, str]:
         if model.teacher and not args.official_mln:
             raise common.UserError("an MRDA_T file needs the released MLN too: add --official-mln FILE")
         mln = load_official_mln(args.official_mln, cfg) if model.teacher else None
+        args.source = f"{args.official_weights} (released)"
     else:
         ckpt = common.load_checkpoint(args.ckpt, SCRIPT, ("teacher", "student"), device="cpu")
-        cfg = Config(**ckpt["config"])
+        cfg, args.source = Config(**ckpt["config"]), f"{args.ckpt} (step {ckpt['step']})"
         model = build_model(cfg, teacher=ckpt["stage"] == "teacher")
         model.load_state_dict(ckpt["model"])
         mln = frozen_mln(ckpt["mln"], cfg, "cpu") if model.teacher else None
@@ -716,7 +717,9 @@ def evaluate(args) -> list[dict]:
     if not model.teacher and (args.adapt_upscaler or args.released_step_sizes):
         raise common.UserError("--adapt-upscaler and --released-step-sizes are for a teacher: a student does not adapt")
     name += f" tile{args.tile}" if args.tile else ""
-    out_dir = Path(args.out_dir)
+    out_dir = common.writable_dir(args.out_dir)                      # all checked before the first image
+    for data in args.data:
+        common.find_benchmark(data, args.data_root)
 
     @torch.no_grad()
     def blind_sr(img_lr: torch.Tensor) -> torch.Tensor:
@@ -728,12 +731,14 @@ def evaluate(args) -> list[dict]:
         sr_fn = (oracle_sr_fn(model, mln, cfg, data, args, device) if model.teacher  # tile 0: blind_sr itself
                  else common.tiled(blind_sr, args.scale, args.tile, args.tile_overlap))
         rows = common.run_benchmark(sr_fn, data, args.protocol, args.scale, root=args.data_root, device=device,
-                                    save_dir=out_dir / "images" if args.save_images else None, limit=args.limit)
+                                    save_dir=out_dir / "images" if args.save_images else None, limit=args.limit,
+                                    name=name)
         bicubic = common.run_benchmark(common.bicubic_sr(args.scale), data, args.protocol, args.scale,
-                                       root=args.data_root, device=device, limit=args.limit)
-        for method, result in ((name, rows), ("bicubic", bicubic)):
+                                       root=args.data_root, device=device, limit=args.limit, name="bicubic")
+        for method, result, source in ((name, rows, args.source), ("bicubic", bicubic, "")):
             table = common.summarize(result)
-            common.report(table, f"{method} x{args.scale} {args.protocol} {table[0]['set']}", out_dir)
+            common.report(table, f"{method} x{args.scale} {args.protocol} {table[0]['set']}", out_dir, source,
+                          args.limit)
         summary += common.summarize(rows)
     print(f"\nresults: {out_dir / 'results.md'}")
     return summary
@@ -817,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--teacher-ckpt", help="student stage: the teacher's checkpoint (RDAN_T, DEN_T, theta_M)")
     tr.add_argument("--data-dir", nargs="+", required=True, help="HR training folder(s), e.g. DIV2K + Flickr2K")
     tr.add_argument("--degradation", choices=DEGRADATIONS, help="iso (Tab. II) or aniso_noise (Tab. III); default iso")
-    tr.add_argument("--preset", choices=tuple(PRESETS), default="paper")
+    tr.add_argument("--preset", choices=tuple(PRESETS), help="paper (default) or smoke (a tiny model for trials)")
     tr.add_argument("--steps", type=common.at_least(1), help="stop at this step (default: the stage's full schedule)")
     tr.add_argument("--batch-size", type=common.at_least(1), help="override this stage's global batch size (N "
                                                                    "processes take batch / N each)")
@@ -848,12 +853,14 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args, resume: Path | None) -> Config:
     """paper defaults <- --preset <- the hand-off checkpoint's INHERITED fields <- explicit flags; with --resume
     the checkpoint's config (+ --steps)."""
+    flags = {f"{args.stage}_batch": args.batch_size, "save_every": args.save_every, "degradation": args.degradation,
+             "seed": args.seed, "abs_weight": args.abs_weight, "released_step_sizes": args.released_step_sizes,
+             "preset": args.preset}
     if resume is not None:
-        return Config(**common.resumed(resume, SCRIPT, (args.stage,), args.steps)["config"])
-    overrides = {"steps": args.steps, f"{args.stage}_batch": args.batch_size, "save_every": args.save_every,
-                 "degradation": args.degradation, "seed": args.seed, "abs_weight": args.abs_weight,
-                 "released_step_sizes": args.released_step_sizes}
-    cfg = dataclasses.replace(Config(), **PRESETS[args.preset])
+        return Config(**common.resumed(resume, SCRIPT, (args.stage,), args.steps, flags,
+                                       {f"{args.stage}_batch": "batch-size"})["config"])
+    overrides = {**flags, "steps": args.steps}
+    cfg = dataclasses.replace(Config(), **PRESETS[args.preset or "paper"])
     if (handoff := HANDOFF.get(args.stage)) and getattr(args, handoff):     # stage checked later by load_stage
         saved = common.load_checkpoint(getattr(args, handoff), SCRIPT)["config"]
         cfg = dataclasses.replace(cfg, **{k: saved[k] for k in INHERITED})
@@ -862,7 +869,7 @@ def config_from_args(args, resume: Path | None) -> Config:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
+    with common.cli_errors():
         if args.command == "eval":
             args.out_dir = args.out_dir or f"runs/{SCRIPT}/eval"
             return evaluate(args)
@@ -876,8 +883,6 @@ def main(argv=None):
         stage_fn = {"pretrain": train_pretrain, "meta": train_meta, "teacher": train_teacher,
                     "student": train_student}[args.stage]
         return stage_fn(cfg, args, resume)
-    except common.UserError as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

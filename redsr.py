@@ -496,9 +496,7 @@ def _fit_joint(cfg: Config, args, resume_path: Path | None, dist, device) -> Pat
                     common.save_checkpoint(last, _payload(cfg, step, model, optimizer, scheduler, rng))
                 last_good = last
             if stop:
-                if dist.is_main:
-                    print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
-                break
+                common.leave_on_signal(flag, step, last, dist)      # exit status 128 + signal
     return last
 
 

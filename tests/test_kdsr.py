@@ -298,7 +298,10 @@ def test_sigterm_writes_last_pt_and_resume_is_exact(tiny_hr_dir, tmp_path, monke
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(kdsr.common.RunLog, "log", log_then_signal)
-    stopped = kdsr.main([*train, "--out-dir", str(tmp_path / "half")])
+    with pytest.raises(SystemExit) as exit_info:             # 128 + SIGTERM: `train && eval` does not go on
+        kdsr.main([*train, "--out-dir", str(tmp_path / "half")])
+    assert exit_info.value.code == 143
+    stopped = tmp_path / "half" / "last.pt"
     assert torch.load(stopped, weights_only=True)["step"] == 3
     assert f"stopped by signal at step 3; checkpoint {stopped}; continue with --resume" in capsys.readouterr().out
     assert {sig: signal.getsignal(sig) for sig in saved_signal_handlers} == saved_signal_handlers  # restored
@@ -473,3 +476,23 @@ def test_resume_refuses_flags_that_differ_from_the_checkpoint(tiny_hr_dir, tmp_p
                    "--steps", "4", "--resume"])
     kdsr.main([*run, "--batch-size", "2", "--steps", "3", "--resume"])          # the same value is no conflict
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_exit_statuses_of_the_command_line(tiny_hr_dir, tmp_path):
+    """Ctrl-C: last.pt, then exit 130 (so `train && eval` stops); bad input: one `error:` line, exit 1; usage: 2."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "kdsr.py"), "train", "--stage", "teacher", "--data-dir",
+                             str(tiny_hr_dir), "--steps", "100000", "--out-dir", str(tmp_path / "t"), *SMOKE],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ,
+                                                                                            "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:                               # the loop is running once step 2 is logged
+        if "step 2/" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    assert proc.wait(timeout=120) == 130
+    assert torch.load(tmp_path / "t" / "last.pt", weights_only=True)["step"] >= 2
+    bad = subprocess.run([sys.executable, str(REPO / "kdsr.py"), "eval", "--ckpt", str(tmp_path / "none.pt")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'none.pt'}"
+    usage = subprocess.run([sys.executable, str(REPO / "kdsr.py"), "train", "--stage", "teacher", "--data-dir", "d",
+                            "--steps", "0"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "--steps: expected int >= 1, got 0" in usage.stderr

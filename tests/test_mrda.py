@@ -444,7 +444,10 @@ def test_sigterm_writes_last_pt_and_resume_is_exact(chain, tiny_hr_dir, tmp_path
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(common.RunLog, "log", log_then_signal)
-    stopped = mrda.main([*train, "--meta-ckpt", str(chain["meta"]), "--steps", "6", "--out-dir", str(tmp_path / "half")])
+    with pytest.raises(SystemExit) as exit_info:             # 128 + SIGTERM
+        mrda.main([*train, "--meta-ckpt", str(chain["meta"]), "--steps", "6", "--out-dir", str(tmp_path / "half")])
+    assert exit_info.value.code == 143
+    stopped = tmp_path / "half" / "last.pt"
     assert load(stopped)["step"] == 3
     assert f"stopped by signal at step 3; checkpoint {stopped}; continue with --resume" in capsys.readouterr().out
     assert {sig: signal.getsignal(sig) for sig in saved_signal_handlers} == saved_signal_handlers  # restored

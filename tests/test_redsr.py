@@ -338,7 +338,10 @@ def test_sigterm_writes_last_and_resume_continues_exactly(tiny_hr_dir, tmp_path,
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(common.RunLog, "log", log_then_signal)
-    last = redsr.main([*base, "--out-dir", str(tmp_path / "b")])
+    with pytest.raises(SystemExit) as exit_info:             # 128 + SIGTERM
+        redsr.main([*base, "--out-dir", str(tmp_path / "b")])
+    assert exit_info.value.code == 143
+    last = tmp_path / "b" / "last.pt"
     assert f"stopped by signal at step 3; checkpoint {last}; continue with --resume" in capsys.readouterr().out
     assert common.load_checkpoint(last, "redsr", ["joint"])["step"] == 3
     assert [r["step"] for r in log_records(tmp_path / "b")] == [1, 2, 3]
