@@ -1,7 +1,7 @@
 """Crafting Training Degradation Distribution for the Accuracy-Generalization Trade-off in Real-World SR.
 
 Zhang, Gu, Chen, Dong, Zhang, Yang, ICML 2023, arXiv:2305.18107. The authors released no code: every choice
-the paper leaves open is ours and tagged [ours]; facts are in ../shared/specs/craft_dist.md.
+the paper leaves open is ours and tagged [ours]; README.md (craft_dist.py) lists them.
 
 Idea: given ~100 degraded reference images of the target application, weight the 75 bins of a parametric
 degradation space (blur sigma x noise level x JPEG quality) by the Frechet distance between deep features
@@ -22,13 +22,17 @@ Paper map
     SR training with crafted weights              -> train_sr (CLI `train`)
 
 Deviations / choices (all [ours] or [DEV]; README lists the [DEV] ones)
-    [DEV] SR network = BasicSR's MSRResNet (no BatchNorm), L1 + BasicSR train_MSRResNet_x4 recipe (the paper
-          gives no recipe); 288 HR crops (72 LR, the paper's reference size).
+    [DEV] SR network = BasicSR's MSRResNet (no BatchNorm) with BasicSR's init (Kaiming normal x 0.1: the untrained
+          network is close to the bilinear upsampler its output adds); L1 + BasicSR train_MSRResNet_x4 recipe, its
+          EMA of the weights included (decay 0.999, what eval uses); the paper gives no recipe. 288 HR crops (72 LR,
+          the paper's reference size).
     [DEV] phi defaults to a randomly initialised AlexNet (seed 0): ImageNet weights cannot be downloaded
           offline; pass them with --phi-weights (torchvision keys). The paper's default is ImageNet AlexNet.
     [DEV] training degradations are applied in the main process (blur/resize/noise batched on the training
-          device, JPEG per sample through Pillow), not in data workers, so --resume is exact.
-    [ours] kernel 31x31, separable; MATLAB bicubic ↓4; colour noise (--gray-noise flag); Pillow JPEG 4:2:0;
+          device, JPEG per sample through Pillow), not in data workers, drawn for the global batch from (seed, step)
+          (common.StepRandom): N processes train what one does, and --resume is exact with any N.
+    [ours] kernel 31x31, separable; MATLAB bicubic ↓4; colour noise (--gray-noise flag); Pillow JPEG 4:2:0, q rounded
+          to an integer; phi = AlexNet fc7 after ReLU, ImageNet-normalised input (the paper names only the network);
           flat bin index b = (i_sigma * n_l + i_l) * n_q + i_q (= 15 i_sigma + 3 i_l + i_q), stored in weights.json.
     Not implemented: phi = DASR itself (`--phi encoder:CKPT` takes a kdsr.py student or redsr.py model); LPIPS.
 
@@ -37,11 +41,12 @@ Usage
     python craft_dist.py weights --ref-dir refs3 --clean-dir PIPAL/ --alpha 25 --out weights.json
     python craft_dist.py train --weights weights.json --data-dir DIV2K/train_HR     # omit --weights = baseline
     python craft_dist.py eval --ckpt runs/craft_dist/sr/last.pt --data Set5 Set14 --settings 1 2 3 4
-    torchrun --nproc_per_node=2 craft_dist.py train ...   # DDP (also `weights`); Ctrl-C/SIGTERM -> last.pt, --resume
+    torchrun --nproc_per_node=2 craft_dist.py train ...   # DDP, --batch-size global (also `weights`); Ctrl-C/SIGTERM
+                                                          # -> last.pt, --resume (with any number of processes)
 """
 from __future__ import annotations
 
-import argparse, dataclasses, functools, importlib, io, json, math, os, time
+import argparse, copy, dataclasses, functools, importlib, io, json, math, os, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,37 +75,40 @@ class Config:
     kernel_size: int = 31                           # [ours] +-15 taps = 3 sigma at sigma = 5
     gray_noise: bool = False                        # [ours] colour noise by default
     # weights stage [Sec. 3.4-3.5]
-    phi: str = "alexnet"                            # [Sec. 3.5] AlexNet fc7
+    phi: str = "alexnet"                            # [Sec. 3.5] AlexNet; fc7 after ReLU [ours]
     alpha: float = 25.0                             # [Sec. 4.1]
     n_clean: int = 100                              # [Sec. 3.5] ~100 images
     lr_size: int = 72                               # [Sec. 3.5] 72x72 LR (HR crops 288)
     # model [Tab. 2]
     arch: str = "msrresnet"                         # [Tab. 2] SRResNet (BasicSR MSRResNet, [DEV]); or "rrdb"
-    num_feat: int = 64                              # [official code] BasicSR MSRResNet / RRDBNet
-    num_block: int = 16                             # [official code] BasicSR MSRResNet
-    rrdb_blocks: int = 23                           # [official code] BasicSR RRDBNet
-    rrdb_growth: int = 32                           # [official code] BasicSR RRDBNet
+    num_feat: int = 64                              # [ours] BasicSR MSRResNet / RRDBNet (no release to follow)
+    num_block: int = 16                             # [ours] BasicSR MSRResNet
+    rrdb_blocks: int = 23                           # [ours] BasicSR RRDBNet (= ESRGAN's)
+    rrdb_growth: int = 32                           # [ours] BasicSR RRDBNet (= ESRGAN's)
     # SR training [ours] BasicSR train_MSRResNet_x4
     hr_patch: int = 288                             # [ours] LR 72 = the paper's image size
-    batch_size: int = 16                            # [ours] BasicSR
+    batch_size: int = 16                            # [ours] BasicSR; global: N processes take batch / N
     steps: int = 1_000_000                          # [ours] BasicSR
+    preset: str = "paper"                           # [ours] the preset the run started from (--resume checks it)
     learning_rate: float = 2e-4                     # [ours] BasicSR
     betas: tuple = (0.9, 0.99)                      # [ours] BasicSR
     restart_period: int = 250_000                   # [ours] BasicSR cosine restarts 4 x 250k
     eta_min: float = 1e-7                           # [ours] BasicSR
+    ema_decay: float = 0.999                        # [ours] BasicSR EMA of the weights, eval uses it; 0 = none
     save_every: int = 5000                          # [ours]
 
 
 PRESETS = {
     "paper": {},
     "smoke": {"n_clean": 6, "num_feat": 16, "num_block": 2, "rrdb_blocks": 1, "rrdb_growth": 8,
-              "hr_patch": 64, "batch_size": 2, "steps": 4, "restart_period": 4, "save_every": 2},
+              "hr_patch": 64, "batch_size": 2, "steps": 4, "restart_period": 4, "save_every": 2,
+              "ema_decay": 0.9},                                    # short runs: an EMA that has moved
 }
 
 
-def make_config(preset: str, **overrides) -> Config:
-    """Paper defaults, then the preset's overrides, then explicit (non-None) overrides."""
-    cfg = dataclasses.replace(Config(), **PRESETS[preset])
+def make_config(preset: str | None, **overrides) -> Config:
+    """Paper defaults, then the preset's overrides (None: paper), then explicit (non-None) overrides."""
+    cfg = dataclasses.replace(Config(), **PRESETS[preset or "paper"], preset=preset or "paper")
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -122,7 +130,7 @@ def sample_bins(weights: torch.Tensor, n: int, generator=None) -> torch.Tensor:
 
 
 def _uniform_params(lo: torch.Tensor, hi: torch.Tensor, generator=None) -> dict:
-    """lo, hi (3, B) -> sigma, l uniform; q uniform then rounded to an integer [Sec. 3.3]."""
+    """lo, hi (3, B) -> sigma, l, q uniform [Sec. 3.3]; q then rounded to an integer [ours]."""
     u = torch.rand(lo.shape, generator=generator, dtype=torch.float64)
     v = lo + u * (hi - lo)                                                        # (3, B)
     return {"sigma": v[0].float(), "noise": v[1].float(), "quality": v[2].round().long()}
@@ -184,7 +192,7 @@ def blur_downsample(img: torch.Tensor, kernels_1d: torch.Tensor, scale: int) -> 
 
 
 def jpeg(img: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
-    """JPEG_q per sample through Pillow (libjpeg, default 4:2:0) on 8-bit RGB [Eq. 2]."""
+    """JPEG_q [Eq. 2] per sample through Pillow (libjpeg, default 4:2:0) on 8-bit RGB [ours]."""
     arrays = img.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     out = []
     for arr, q in zip(arrays, quality.tolist()):                     # Pillow works on one image at a time
@@ -196,18 +204,23 @@ def jpeg(img: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
 
 def degrade(img_hr: torch.Tensor, params: dict, scale: int, kernel_size: int, gray_noise: bool = False,
             generator=None) -> torch.Tensor:
-    """x = JPEG_q((y ⊗ k_σ)↓s + n_l) [Eq. 2]; img_hr (B, 3, H, W) -> (B, 3, H/s, W/s) 8-bit values."""
+    """x = JPEG_q((y ⊗ k_σ)↓s + n_l) [Eq. 2]; img_hr (B, 3, H, W) -> (B, 3, H/s, W/s) 8-bit values. `generator`: a
+    CPU torch.Generator, or in training the step's common.StepRandom (this rank's share of the global batch's ε)."""
     x = blur_downsample(img_hr, gaussian_kernels_1d(params["sigma"], kernel_size), scale)  # (B, 3, h, w)
     b, c, h, w = x.shape
-    # n_l = l/255 · ε, ε ~ N(0, 1) per pixel (and channel unless gray); drawn on the CPU generator
-    eps = torch.randn((b, 1 if gray_noise else c, h, w), generator=generator).to(x).expand(b, c, h, w)
+    # n_l = l/255 · ε, ε ~ N(0, 1) per pixel (and channel unless gray); drawn on the CPU, then moved
+    shape = (1 if gray_noise else c, h, w)
+    eps = generator.randn(*shape) if isinstance(generator, common.StepRandom) else \
+        torch.randn((b, *shape), generator=generator)
+    eps = eps.to(x).expand(b, c, h, w)
     x = common.quantize(x + params["noise"].to(x).reshape(-1, 1, 1, 1) / 255 * eps)
     return jpeg(x, params["quality"])
 
 
 # ---- 3. Networks ----------------------------------------------------------------------------------------
 class AlexNetPhi(nn.Module):
-    """torchvision AlexNet layout; φ(x) = fc7 after ReLU (4096-d), ImageNet normalisation inside [Sec. 3.5]."""
+    """AlexNet φ [Sec. 3.5] in torchvision's layout; φ(x) = fc7 after ReLU (4096-d) and ImageNet normalisation
+    inside [ours]: the paper names the network, not the layer or the input scaling."""
 
     def __init__(self):
         super().__init__()
@@ -231,7 +244,8 @@ class AlexNetPhi(nn.Module):
 
 
 class VGG19Phi(nn.Module):
-    """torchvision VGG19 `features` up to a ReLU (index 8 = VGG_{2,2}, 35 = VGG_{5,4}), global-avg-pooled."""
+    """torchvision VGG19 `features` up to a ReLU (index 8 = VGG_{2,2}, 35 = VGG_{5,4}: after activation [Sec. 3.5]),
+    global-avg-pooled, ImageNet normalisation inside [ours]."""
 
     CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 
@@ -263,6 +277,16 @@ class EncoderPhi(nn.Module):
         return self.encode(x)
 
 
+@torch.no_grad()
+def default_init_weights(module: nn.Module, scale: float) -> None:
+    """BasicSR's init [ours]: every Conv2d below `module` W ~ N(0, 2 / fan_in) (Kaiming normal) times `scale`, bias 0;
+    scale 0.1 keeps residual branches small at the start."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight).mul_(scale)
+            nn.init.zeros_(m.bias)
+
+
 class ResidualBlockNoBN(nn.Module):
     """conv-ReLU-conv + identity (BasicSR)."""
 
@@ -276,7 +300,8 @@ class ResidualBlockNoBN(nn.Module):
 
 
 class MSRResNet(nn.Module):
-    """SRResNet without BN (BasicSR MSRResNet) x4: 1,517,571 parameters at 64 features, 16 blocks [DEV]."""
+    """SRResNet without BN (BasicSR MSRResNet) x4: 1,517,571 parameters at 64 features, 16 blocks [DEV]. Every conv
+    starts at Kaiming x 0.1 (BasicSR), so the untrained output is close to the bilinear upsampling it adds."""
 
     def __init__(self, num_feat: int = 64, num_block: int = 16, scale: int = 4):
         super().__init__()
@@ -288,6 +313,7 @@ class MSRResNet(nn.Module):
         self.upconv2 = nn.Conv2d(num_feat, num_feat * 4, 3, 1, 1)
         self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
         self.conv_last = nn.Conv2d(num_feat, 3, 3, 1, 1)
+        default_init_weights(self, 0.1)                                           # all convs, as BasicSR
 
     def forward(self, img_lr: torch.Tensor) -> torch.Tensor:
         act = lambda t: F.leaky_relu(t, 0.1)                                      # noqa: E731
@@ -299,12 +325,13 @@ class MSRResNet(nn.Module):
 
 
 class ResidualDenseBlock(nn.Module):
-    """Five densely connected convs; out = x + 0.2 * conv5 (ESRGAN)."""
+    """Five densely connected convs; out = x + 0.2 * conv5 (ESRGAN); Kaiming x 0.1 init (BasicSR: only these convs)."""
 
     def __init__(self, num_feat: int, growth: int):
         super().__init__()
         self.conv1, self.conv2, self.conv3, self.conv4, self.conv5 = (
             nn.Conv2d(num_feat + i * growth, growth if i < 4 else num_feat, 3, 1, 1) for i in range(5))
+        default_init_weights(self, 0.1)
 
     def forward(self, x):
         feats = [x]
@@ -323,7 +350,8 @@ class RRDB(nn.Module):
 
 
 class RRDBNet(nn.Module):
-    """ESRGAN generator (BasicSR names) x4: 16,697,987 parameters at 64 features, 23 RRDBs, growth 32."""
+    """ESRGAN generator (BasicSR names) x4: 16,697,987 parameters at 64 features, 23 RRDBs, growth 32; convs outside
+    the dense blocks keep PyTorch's default init (BasicSR)."""
 
     def __init__(self, num_feat: int = 64, num_block: int = 23, growth: int = 32):
         super().__init__()
@@ -524,28 +552,41 @@ def cosine_restart_factor(step: int, period: int, eta_ratio: float) -> float:
     return eta_ratio + 0.5 * (1 - eta_ratio) * (1 + math.cos(math.pi * (step % period) / period))
 
 
-def train_step_lr(img_hr, sampler, step: int, cfg: Config, rank: int) -> torch.Tensor:
-    """Per-sample degradations for one step from a generator seeded by (seed, step, rank): exact --resume."""
-    gen = torch.Generator().manual_seed(common.eval_seed(f"craft_dist/train/{cfg.seed}/{step}/{rank}"))
-    params = sampler(len(img_hr), gen)
-    return degrade(img_hr, params, cfg.scale, cfg.kernel_size, cfg.gray_noise, gen)   # (B, 3, P/4, P/4)
+def train_step_lr(img_hr, sampler, rnd: common.StepRandom, cfg: Config) -> torch.Tensor:
+    """This rank's b = B / N samples of one step, degraded: bins, (σ, l, q) and the noise fields ε are drawn for the
+    whole global batch B by the step's StepRandom (seeded by (seed, step), on the CPU) and sliced, so sample i of step
+    k is degraded alike with 1 or N processes and after --resume; JPEG (Pillow) is a function of image and q [ours]."""
+    params = {k: v[rnd.part] for k, v in sampler(rnd.batch, rnd.generator).items()}   # (b,) each, of B drawn
+    return degrade(img_hr, params, cfg.scale, cfg.kernel_size, cfg.gray_noise, rnd)   # (b, 3, P/4, P/4)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    """θ_ema ← d θ_ema + (1 − d) θ for every parameter, once per iteration (BasicSR model_ema) [ours]."""
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.mul_(decay).add_(p, alpha=1 - decay)
 
 
 def build_training(cfg: Config, args, device, ckpt: dict | None):
-    """Network, Adam and the cosine-restart schedule, restored from a --resume checkpoint (exact) -> + start step."""
+    """Network, its EMA (None at decay 0), Adam and the cosine-restart schedule, restored from a --resume checkpoint
+    (exact: training draws no global random numbers after the init) -> + start step."""
+    if not 0 <= cfg.ema_decay < 1:
+        raise common.UserError(f"--ema-decay {cfg.ema_decay}: expected 0 (no EMA) <= decay < 1")
     net = build_sr(cfg).to(device)
     net = net.to(memory_format=torch.channels_last) if args.channels_last and device.type == "cuda" else net
+    ema = copy.deepcopy(net).requires_grad_(False) if cfg.ema_decay > 0 else None  # θ_ema = θ at step 0 (BasicSR)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.betas))
     eta_ratio = cfg.eta_min / cfg.learning_rate
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_restart_factor(s, cfg.restart_period, eta_ratio))
     if ckpt is None:
-        return net, optimizer, scheduler, 0
+        return net, ema, optimizer, scheduler, 0
     net.load_state_dict(ckpt["model"])
+    if ema is not None:                             # a checkpoint written without one: the EMA starts at θ
+        ema.load_state_dict(ckpt.get("ema", ckpt["model"]))
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    common.set_rng_state(ckpt["rng"])
-    return net, optimizer, scheduler, ckpt["step"]
+    return net, ema, optimizer, scheduler, ckpt["step"]
 
 
 def train_sr(cfg: Config, args, saved: dict | None = None) -> Path:
@@ -553,45 +594,48 @@ def train_sr(cfg: Config, args, saved: dict | None = None) -> Path:
     finish the step, write last.pt, return; a non-finite loss (mean over ranks) stops before backward()."""
     device = common.pick_device(args.device)
     dist = common.ddp_setup(device)
-    common.seed_everything(cfg.seed)
+    common.seed_everything(cfg.seed)                # the network's init, alike on every rank
     out_dir = Path(args.out_dir or f"runs/{SCRIPT}/sr")
     last = out_dir / "last.pt"
     sampler, provenance = make_sampler(cfg, args.weights, args.oracle_setting, saved)
-    net, optimizer, scheduler, start = build_training(cfg, args, device, saved)
+    net, ema, optimizer, scheduler, start = build_training(cfg, args, device, saved)
     model = common.wrap_ddp(net, dist)
     data = common.HRPatches(args.data_dir, cfg.hr_patch)
+    # step k: items k·B … k·B + B − 1 of the global batch B, this rank's B / N of them (an error unless N | B)
     batches = common.infinite_batches(data, cfg.batch_size, device, seed=cfg.seed, start_step=start,
                                       workers=args.workers, dist=dist)
-    log = common.RunLog(out_dir, cfg.steps, enabled=dist.is_main, start_step=start)
+    log = common.RunLog(out_dir, cfg.steps, enabled=dist.is_main, start_step=start, batch=cfg.batch_size, dist=dist)
     last_good = args.resume or "(none written yet)"
     try:
         with common.stop_on_signals() as flag:
             for step in range(start + 1, cfg.steps + 1):
-                img_hr = next(batches)                                                # (B, 3, P, P)
-                img_lr = train_step_lr(img_hr, sampler, step, cfg, dist.rank)        # (B, 3, P/4, P/4)
+                img_hr = next(batches)                                                # (b, 3, P, P)
+                rnd = common.StepRandom(cfg.seed, step, cfg.batch_size, dist, "cpu")  # same draws with 1 or N
+                img_lr = train_step_lr(img_hr, sampler, rnd, cfg)                    # (b, 3, P/4, P/4)
                 with common.autocast(device, args.amp):
                     img_sr = model(img_lr)
-                loss = F.l1_loss(img_sr.float(), img_hr)                              # L1 [ours] BasicSR
+                # L1 [ours] BasicSR; mean over this rank's share: DDP's mean over ranks is the global batch's
+                loss = F.l1_loss(img_sr.float(), img_hr)
                 loss_mean = common.all_reduce_mean(loss.detach(), dist)               # same on every rank: all stop
                 common.check_finite(loss_mean, step, last_good)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                if ema is not None:
+                    ema_update(ema, net, cfg.ema_decay)
                 if step % args.log_every == 0 or step == cfg.steps:
                     log.log(step, "sr", loss=float(loss_mean), lr=scheduler.get_last_lr()[0])
                 stop = step < cfg.steps and common.stop_requested(flag, dist, device)   # collective under DDP
-                # rank 0's RNG state is enough: every rank's degradation draws are seeded by (seed, step, rank)
+                # no RNG state to keep: data and degradations are functions of (seed, step), for any world size
                 if dist.is_main and (step % cfg.save_every == 0 or step == cfg.steps or stop):
                     common.save_checkpoint(last, {
                         "script": SCRIPT, "stage": "sr", "step": step, "config": dataclasses.asdict(cfg),
-                        "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": common.rng_state(), **provenance})
+                        "model": net.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {}),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **provenance})
                 last_good = last if step % cfg.save_every == 0 or stop else last_good
-                if stop and dist.is_main:
-                    print(f"stopped by signal at step {step}; checkpoint {last}; continue with --resume", flush=True)
                 if stop:
-                    break
+                    common.leave_on_signal(flag, step, last, dist)  # exit status 128 + signal
     finally:
         common.ddp_teardown(dist)
     return last
@@ -634,7 +678,8 @@ def check_scale(asked: int, scale: int, source) -> None:
 
 
 def load_sr_for_eval(args, device) -> tuple[nn.Module, str]:
-    """Our checkpoint (network rebuilt from its config) or a BasicSR x4 .pth (--official-weights); --scale checked."""
+    """Our checkpoint (network rebuilt from its config; its EMA weights when kept) or a BasicSR x4 .pth
+    (--official-weights; params_ema before params); --scale checked."""
     if args.official_weights:
         check_scale(args.scale, 4, args.official_weights)
         return load_basicsr_sr(args.official_weights).to(device).eval(), Path(args.official_weights).stem
@@ -644,17 +689,21 @@ def load_sr_for_eval(args, device) -> tuple[nn.Module, str]:
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__})
     check_scale(args.scale, cfg.scale, args.ckpt)
     net = build_sr(cfg).to(device)
-    net.load_state_dict(ckpt["model"])
-    return net.eval(), f"{SCRIPT} {cfg.arch} step {ckpt['step']}"
+    net.load_state_dict(ckpt.get("ema") or ckpt["model"])              # the EMA when the run kept one (BasicSR)
+    return net.eval(), f"{SCRIPT} {cfg.arch} step {ckpt['step']}{' EMA' if 'ema' in ckpt else ''}"
 
 
 def run_eval(args) -> None:
     """Tab. 1 settings (default) or a common protocol (--settings with no value); bicubic reference row."""
     device = common.pick_device(args.device)
     net, title = load_sr_for_eval(args, device)
+    step = title.split(" ", 2)[-1]                                    # "step N" (+ " EMA") of our checkpoint
+    source = f"{args.official_weights} (released)" if args.official_weights else f"{args.ckpt} ({step})"
     title += f" tile {args.tile}" if args.tile else ""
     cfg = make_config("paper", scale=args.scale)
-    out_dir = Path(args.out_dir or f"runs/{SCRIPT}/eval")
+    out_dir = common.writable_dir(args.out_dir or f"runs/{SCRIPT}/eval")   # all checked before the first image
+    for data in args.data:
+        common.find_benchmark(data, args.data_root)
     # .contiguous(): one memory layout, whole or tiled (common's Y metrics differ by 1 ulp between layouts)
     whole_image = lambda img_lr: net(img_lr).clamp(0, 1).contiguous()           # noqa: E731
     method = common.tiled(whole_image, args.scale, args.tile, args.tile_overlap)
@@ -665,11 +714,15 @@ def run_eval(args) -> None:
             rows = evaluate_settings(sr_fns, data, args.settings, cfg, args.data_root, device, save_dir, args.limit)
         else:
             rows = {name: common.run_benchmark(fn, data, args.protocol, args.scale, args.data_root, device,
-                                               save_dir if name == "method" else None, args.limit)
+                                               save_dir if name == "method" else None, args.limit,
+                                               title if name == "method" else "bicubic")
                     for name, fn in sr_fns.items()}
-        for name, label in (("bicubic", "bicubic"), ("method", title)):
-            common.report(common.summarize(rows[name]), f"{label} ({data})", out_dir)   # Tab. 1 rows: + RGB
-    print(f"results in {out_dir}/results.md")
+        set_name = common.find_benchmark(data, args.data_root)[0]
+        protocol = "settings" if args.settings else args.protocol
+        for name, label, model in (("method", title, source), ("bicubic", "bicubic", "")):   # Tab. 1 rows: + RGB
+            common.report(common.summarize(rows[name]), f"{label} x{args.scale} {protocol} {set_name}", out_dir, model,
+                          args.limit)
+    print(f"\nresults: {out_dir / 'results.md'}")
 
 
 # ---- 7. Official weights --------------------------------------------------------------------------------
@@ -800,7 +853,9 @@ def run_refs(args) -> None:
         params = sample_in_bins(torch.full((args.n,), int(np.ravel_multi_index(args.bin, shape))), edges, gen)
     else:
         params = sample_box(SETTINGS[args.setting], args.n, gen)
-    img_clean = clean_crops(args.clean_dir, args.n, cfg.lr_size * cfg.scale, cfg.seed + 1)
+    # Y_w's crop positions (seed) or others (seed + 1); the degradation draws are fresh either way [ours]
+    crop_seed = cfg.seed if args.same_crops else cfg.seed + 1
+    img_clean = clean_crops(args.clean_dir, args.n, cfg.lr_size * cfg.scale, crop_seed)
     img_lr = degrade(img_clean, params, cfg.scale, cfg.kernel_size, cfg.gray_noise, gen)
     for i, img in enumerate(img_lr):
         common.save_image(img, Path(args.out_dir) / f"ref{i:04d}.png")
@@ -828,6 +883,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--setting", type=int, choices=sorted(SETTINGS))
     group.add_argument("--bin", type=common.at_least(0), nargs=3, metavar=("I_SIGMA", "I_L", "I_Q"))
     r.add_argument("--n", type=common.at_least(1), default=100)
+    r.add_argument("--same-crops", action=argparse.BooleanOptionalAction, default=False,
+                   help="crop the clean images where `weights` crops Y_w (same --clean-dir and --seed; the first --n "
+                   "of them): same-content validation. Default: other crop positions")
     t = sub.add_parser("train", help="train the SR network with crafted (or uniform) degradations")
     t.add_argument("--stage", choices=["sr"], default="sr")
     t.add_argument("--data-dir", required=True, nargs="+", help="HR training folders (DIV2K train)")
@@ -836,7 +894,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--oracle-setting", type=int, choices=sorted(SETTINGS), help="upper bound: train on Tab. 1")
     t.add_argument("--arch", choices=["msrresnet", "rrdb"], default=None)
     t.add_argument("--steps", type=common.at_least(1), default=None)
-    t.add_argument("--batch-size", type=common.at_least(1), default=None)
+    t.add_argument("--batch-size", type=common.at_least(1), default=None,
+                   help="global batch (default 16): N torchrun processes take batch / N each and train what one does")
+    t.add_argument("--ema-decay", type=common.at_least(0, float), default=None,
+                   help="EMA of the weights that eval uses (default 0.999, BasicSR; 0 = none, eval the weights)")
     t.add_argument("--save-every", type=common.at_least(1), default=None)
     t.add_argument("--gray-noise", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--resume", nargs="?", const="last", default=None,
@@ -856,7 +917,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_eval_args(e)
     common.add_run_args(e)
     for p in (w, r, t):
-        p.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+        p.add_argument("--preset", choices=sorted(PRESETS), help="paper (default) or smoke (a tiny model for trials)")
     for p in (w, r):
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--seed", type=int, default=None)
@@ -867,7 +928,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.command in ("refs", "eval") and int(os.environ.get("RANK", 0)):   # torchrun: these run on rank 0
         return
-    try:
+    with common.cli_errors():
         if args.command == "weights":
             run_weights(args)
         elif args.command == "refs":
@@ -877,15 +938,16 @@ def main(argv=None) -> None:
             if args.resume:                # the run's own config and distribution; only --steps may change
                 args.resume = Path(args.out_dir or f"runs/{SCRIPT}/sr", "last.pt") if args.resume == "last" \
                     else args.resume
-                cfg = Config(**(saved := common.resumed(args.resume, SCRIPT, ("sr",), args.steps))["config"])
+                flags = {"seed": args.seed, "arch": args.arch, "batch_size": args.batch_size, "preset": args.preset,
+                         "save_every": args.save_every, "gray_noise": args.gray_noise, "ema_decay": args.ema_decay}
+                cfg = Config(**(saved := common.resumed(args.resume, SCRIPT, ("sr",), args.steps, flags))["config"])
             else:
                 cfg = make_config(args.preset, seed=args.seed, arch=args.arch, steps=args.steps,
-                                  batch_size=args.batch_size, save_every=args.save_every, gray_noise=args.gray_noise)
+                                  batch_size=args.batch_size, save_every=args.save_every, gray_noise=args.gray_noise,
+                                  ema_decay=args.ema_decay)
             train_sr(cfg, args, saved)
         else:
             run_eval(args)
-    except common.UserError as err:
-        raise SystemExit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -532,7 +532,7 @@ def _restore(path: Path, state: dict, stage: str, dist, device) -> int:
 
 
 def _payload(cfg: Config, stage: str, step: int, state: dict, pools: list | None, rng: dict, extra) -> dict:
-    """Everything --resume needs to continue exactly (self-describing, DESIGN.md convention 5)."""
+    """Everything --resume needs to continue exactly (self-describing)."""
     return {"script": SCRIPT, "stage": stage, "step": step, "config": dataclasses.asdict(cfg),
             **{key: part.state_dict() for key, part in state.items() if key != "pool"}, "pool": pools,
             "scheduler": None,  # the learning rate is a pure function of the step: schedule()
@@ -707,7 +707,8 @@ def load_for_inference(args, device) -> tuple[KDSR, Config, str, str]:
 
 
 def evaluate(args) -> list[dict]:
-    """Benchmark tables (protocol.md: Gaussian8 [Tab. 1], aniso+noise [Tab. 2]) or paired real-world data [Tab. 3]
+    """Benchmark tables (the README's evaluation protocol: Gaussian8 [Tab. 1], aniso+noise [Tab. 2]) or paired
+    real-world data [Tab. 3]
     (--lr-dir + --hr-dir; --lr-dir alone writes SR PNGs), each beside the bicubic reference row."""
     device = common.pick_device(args.device)
     common.check_paired_args(args)
@@ -793,7 +794,7 @@ def embed(args) -> Path:
 
 # ---- 7. Official weights -----------------------------------------------------------------------------------
 # Released KDSR files are raw state dicts: "G." = SR network, "E_st." = student estimator ("E." in teachers),
-# estimator convs in one Sequential "E.E.{i}" [spec Sec. 7]. The table maps official module prefixes to ours.
+# estimator convs in one Sequential "E.E.{i}" [official code]. The table maps official module prefixes to ours.
 def official_key_map(n_blocks: int, n_resblocks: int, estimator_prefix: str) -> dict[str, str]:
     """{official module prefix: our module prefix}; parameter names below the prefixes are identical."""
     e, r = estimator_prefix, n_resblocks
@@ -891,7 +892,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "estimator sees the USM-sharpened HR (the release's KDSR-GAN V2 option)")
     tr.add_argument("--resume", nargs="?", const="", help="checkpoint to resume (no value: <out-dir>/last.pt)")
     common.add_run_args(tr)
-    ev = sub.add_parser("eval", help="benchmark a student (protocol.md) or paired real-world data, + bicubic row")
+    ev = sub.add_parser("eval", help="benchmark a student (README: Evaluation protocol) or paired real-world "
+                                     "data, + bicubic row")
     _inference_args(ev)
     common.add_run_args(ev)
     common.add_eval_args(ev)

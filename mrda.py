@@ -1,7 +1,7 @@
 """MRDA: Meta-Learning based Degradation Representation for Blind Super-Resolution.
 
 Xia et al., IEEE TIP 2023, arXiv 2207.13963. Official code: Zj-BinXia/MRDA (classic degradations, x4).
-Spec: ../shared/specs/mrda.md. Four stages: `pretrain` (MLN, bicubic) -> `meta` (first-order MAML) ->
+Four stages: `pretrain` (MLN, bicubic) -> `meta` (first-order MAML) ->
 `teacher` (MRDA_T, sees LR and HR) -> `student` (MRDA_S, sees LR only).
 
 Paper map (paper element -> symbol here)
@@ -686,7 +686,7 @@ def load_for_inference(args, device) -> tuple[MRDA, MLN | None, Config, str]:
 
 
 def oracle_sr_fn(model: MRDA, mln: MLN, cfg: Config, data, args, device):
-    """Teacher eval [spec 6]: per test image reset to theta_M, adapt n steps on its own HR (batch 1), infer. It
+    """Teacher eval [official code]: per test image reset to theta_M, adapt n steps on its own HR (batch 1), infer. It
     needs the HR, so it is an upper bound, not blind SR. --adapt-upscaler adapts the MLN tail too, as the release's
     teacher test [official code]. run_benchmark visits the images in sorted order and every degradation of one
     image in turn; this stream yields the matching HR for each call."""
@@ -709,7 +709,8 @@ def oracle_sr_fn(model: MRDA, mln: MLN, cfg: Config, data, args, device):
 
 
 def evaluate(args) -> list[dict]:
-    """Benchmark tables (protocol.md: Gaussian8 [Tab. II], aniso+noise [Tab. III]) plus the bicubic reference row."""
+    """Benchmark tables (the README's evaluation protocol: Gaussian8 [Tab. II], aniso+noise [Tab. III]) plus the
+    bicubic reference row."""
     device = common.pick_device(args.device)
     model, mln, cfg, name = load_for_inference(args, device)
     if model.teacher and args.tile:
@@ -745,7 +746,7 @@ def evaluate(args) -> list[dict]:
 
 
 # ---- 7. Official weights -----------------------------------------------------------------------------------
-# Released files are raw state dicts [spec 6]: MRDA_S / MRDA_T with "G." (RDAN) and "E_st." / "E." (DEN, convs in
+# Released files are raw state dicts [official code]: MRDA_S / MRDA_T with "G." (RDAN) and "E_st." / "E." (DEN, convs in
 # one Sequential "E.E.{i}"), the MLN with exactly our key names. The tables map official module prefixes to ours.
 def official_key_map(n_blocks: int, estimator_prefix: str) -> dict[str, str]:
     """{official module prefix: our module prefix}; parameter names below the prefixes are identical."""

@@ -1,6 +1,6 @@
 """PDM-SR: Learning the Degradation Distribution for Blind Image Super-Resolution.
 
-Luo et al., CVPR 2022, arXiv 2203.04962. Official code: greatlog/UnpairedSR. Spec: ../shared/specs/pdm_sr.md.
+Luo et al., CVPR 2022, arXiv 2203.04962. Official code: greatlog/UnpairedSR.
 A probabilistic degradation model (PDM: random blur kernel + conditional random noise) is learned adversarially
 from unpaired LR images and trained jointly with an SR network on the LR images it synthesises.
 
@@ -25,7 +25,7 @@ Deviations (each [DEV] is listed in the README):
       released configs use 1x1 convs and the 2020 configs broadcast one noise value per image (issue #15).
     - [DEV] EDSR mean shift frozen (the release trains it by mistake); official weights load its values as stored.
     - [DEV] noise head always zero-initialised; seed honoured; one Config instead of the release's YAMLs.
-    - [DEV] metrics: paired data get the paper's RGB PSNR/SSIM (shave = scale) and protocol.md Y; no LPIPS, no
+    - [DEV] metrics: paired data get the paper's RGB PSNR/SSIM (shave = scale) and the protocol's Y; no LPIPS, no
       shift-searched scorer; netSR starts from random init unless --sr-init (the bicubic EDSR is not shipped).
 
 Scale-out [ours]: --batch-size is the global batch, N torchrun processes take batch / N each and compute what one
@@ -133,7 +133,7 @@ def check_config(cfg: Config) -> None:
 
 # ---- 2. Degradation ----------------------------------------------------------------------------------------
 def blur_downsample(img_hr: torch.Tensor, kernels: torch.Tensor, scale: int) -> torch.Tensor:
-    """y_clean = (x (*) k) down_s as ONE grouped stride-s correlation, reflect padding [Eq. 2, spec 1.2].
+    """y_clean = (x (*) k) down_s as ONE grouped stride-s correlation, reflect padding [Eq. 2, official code].
 
     img_hr (B, C, H, W), kernels (B, k, k) -> (B, C, H/s, W/s); pixel (i, j) is centred on HR (s i, s j).
     """
@@ -164,7 +164,7 @@ def soft_round(y: torch.Tensor) -> torch.Tensor:
 
 def kernel_widths(kernel: torch.Tensor) -> torch.Tensor:
     """Centred second-moment widths of a (k, k) kernel: sqrt of the eigenvalues of its covariance about its
-    centroid, largest first (shift-invariant, spec 5). For a Gaussian these are (lambda1, lambda2)."""
+    centroid, largest first (shift-invariant). For a Gaussian these are (lambda1, lambda2)."""
     k = kernel.double() / kernel.sum()
     r = torch.arange(k.shape[-1], dtype=torch.float64) - k.shape[-1] // 2
     y, x = torch.meshgrid(r, r, indexing="ij")
@@ -176,7 +176,7 @@ def kernel_widths(kernel: torch.Tensor) -> torch.Tensor:
 
 def make_stand_in_lr(hr_dir, out_dir, lambda1: float, lambda2: float, theta_deg: float, noise: float,
                      scale: int, seed: int) -> list[Path]:
-    """Offline stand-in for a real LR domain (spec 5): hidden kernel k*, strided correlation, AWGN, 8 bits."""
+    """Offline stand-in for a real LR domain [ours]: hidden kernel k*, strided correlation, AWGN, 8 bits."""
     if not (lambda1 > 0 and lambda2 > 0 and noise >= 0 and math.isfinite(theta_deg)):     # `not >`: nan too
         raise common.UserError(f"make-lr needs --lambda1, --lambda2 > 0 and --noise >= 0, "
                                f"got {lambda1}, {lambda2}, {noise} (theta {theta_deg})")
@@ -250,7 +250,7 @@ class NoiseModule(nn.Module):
         nn.init.zeros_(self.deg_noise[-1].bias)
 
     def forward(self, y_clean: torch.Tensor, z_n: torch.Tensor) -> torch.Tensor:
-        # gradient stopped at the image input: the noise cannot reshape y_clean [spec 1.3]
+        # gradient stopped at the image input: the noise cannot reshape y_clean [official code]
         return self.deg_noise(torch.cat([y_clean.detach(), z_n], dim=1))
 
 
@@ -489,7 +489,7 @@ def sr_step(sr_net, optimizer, img_fake, img_hr, cfg: Config, amp: bool, check) 
 
 
 def train_step(stage: str, nets: dict, opts: dict, img_hr, img_real, cfg: Config, amp: bool, check, rnd=None) -> dict:
-    """One step in the released order: PDM, then D, then SR on the pre-update synthetic LR [spec 3]."""
+    """One step in the released order: PDM, then D, then SR on the pre-update synthetic LR [official code]."""
     scalars = {}
     if stage == "sr":  # frozen PDM, BN still in train mode as released
         with torch.no_grad():
@@ -730,7 +730,7 @@ def sample(args) -> Path:
         rows.append(row)
         drawn.append(kernels.cpu())
     draw_sheet(rows, out / "kernels_noise.png")
-    widths = kernel_widths(torch.cat(drawn).mean(0)).tolist()  # of the mean kernel E_z[k] (spec 5)
+    widths = kernel_widths(torch.cat(drawn).mean(0)).tolist()  # of the mean kernel E_z[k]
     print(f"wrote {sum(map(len, rows))} LR samples and {out / 'kernels_noise.png'}; widths of the mean kernel "
           f"{widths[0]:.2f} / {widths[1]:.2f} HR px")
     return out / "kernels_noise.png"
@@ -738,7 +738,7 @@ def sample(args) -> Path:
 
 # ---- 7. Official weights -----------------------------------------------------------------------------------
 # Only SR networks were released (EDSR-baseline x4 in EDSR-PyTorch names, RRDBNet in BasicSR names); our modules
-# use the same key names, so the map is the identity after unwrapping containers and stripping prefixes [spec 6].
+# use the same key names, so the map is the identity after unwrapping containers and stripping prefixes [official code].
 CONTAINERS = ("params_ema", "params", "state_dict", "model", "netSR")
 LAYOUT_HINT = {"edsr": "head.0.weight", "rrdb": "conv_first.weight"}
 
@@ -819,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--limit", type=common.at_least(1), default=4, help="first N HR images")
     sa.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sa.add_argument("--seed", type=int, default=None)
-    mk = sub.add_parser("make-lr", help="offline stand-in real LR: hidden kernel + noise (spec 5)")
+    mk = sub.add_parser("make-lr", help="offline stand-in real LR: hidden kernel + noise")
     mk.add_argument("--hr-dir", required=True)
     mk.add_argument("--out", required=True)
     mk.add_argument("--lambda1", type=float, default=1.6)

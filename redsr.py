@@ -1,7 +1,7 @@
 """ReDSR: Preserving Full Degradation Details for Blind Image Super-Resolution (re-degradation + energy distance).
 
 Liu et al., ECCV 2024, arXiv 2407.01299. Official code: Chernobyllight/ReDSR (x4 only), built on DASR.
-Spec: ../shared/specs/redsr.md. One joint training stage; encoder + generator at inference.
+One joint training stage; encoder + generator at inference.
 
 Paper map (paper element -> symbol here)
     Eq. 1  degradation model, Sec. 4.1 ranges      -> sample_degradations, degrade_pairs
@@ -435,7 +435,7 @@ def _restore(path, model, optimizer, scheduler, dist, device) -> int:
 
 
 def _payload(cfg: Config, step: int, model: ReDSR, optimizer, scheduler, rng: dict) -> dict:
-    """Everything --resume needs to continue exactly (self-describing, DESIGN.md convention 5)."""
+    """Everything --resume needs to continue exactly (self-describing)."""
     return {"script": SCRIPT, "stage": "joint", "step": step, "config": dataclasses.asdict(cfg),
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": rng}
@@ -521,7 +521,8 @@ def load_for_inference(args, device) -> tuple[ReDSR, Config]:
 
 
 def evaluate(args) -> list[dict]:
-    """Benchmark loop of protocol.md (Gaussian8, aniso+noise, bicubic) plus the bicubic reference row."""
+    """Benchmark loop of the README's evaluation protocol (Gaussian8, aniso+noise, bicubic) plus the bicubic
+    reference row."""
     device = common.pick_device(args.device)
     model, cfg = load_for_inference(args, device)
     name = "ReDSR" + (f" tile{args.tile}" if args.tile else "")
@@ -609,7 +610,7 @@ def embed(args) -> Path:
 
 # ---- 7. Official weights -----------------------------------------------------------------------------------
 # released container: {"epoch", "model_DP_state_dict" (E), "model_SRN_state_dict" (G), "model_RB_state_dict" (D)};
-# the manifests prefix the keys with DP_MODEL. / SRN_MODEL. / RB_MODEL. (also accepted here) [spec Sec. 6]
+# the manifests prefix the keys with DP_MODEL. / SRN_MODEL. / RB_MODEL. (also accepted here) [official code]
 OFFICIAL_PARTS = {"model_DP_state_dict": ("DP_MODEL.", "encoder"), "model_SRN_state_dict": ("SRN_MODEL.", "generator"),
                   "model_RB_state_dict": ("RB_MODEL.", "degrader")}
 KEY_RULES = {  # (regex on the official key, replacement) applied in order, per network
@@ -724,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--modulation", action=argparse.BooleanOptionalAction, default=None,
                     help="modulated reconstruction loss [Eqs. 7-8]")
     common.add_run_args(tr)
-    ev = sub.add_parser("eval", help="benchmark evaluation (protocol.md)")
+    ev = sub.add_parser("eval", help="benchmark evaluation (README: Evaluation protocol)")
     _inference_args(ev)
     common.add_run_args(ev)
     common.add_eval_args(ev)

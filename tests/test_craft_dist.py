@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import common
@@ -63,6 +64,37 @@ def test_parameter_counts_and_shapes(alexnet):
     vgg = cd.build_phi("vgg19-2_2")
     assert torch.equal(vgg.features[0].weight, cd.build_phi("vgg19-2_2").features[0].weight)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_basicsr_init_statistics():
+    """MSRResNet: every conv W ~ Kaiming normal (std √(2 / fan_in)) x 0.1, bias 0; RRDBNet: only the dense blocks'."""
+    torch.manual_seed(0)
+    for name, module in cd.MSRResNet().requires_grad_(False).named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            fan_in = module.weight[0].numel()
+            assert float(module.weight.std()) == pytest.approx(0.1 * math.sqrt(2 / fan_in), rel=0.1), name
+            assert abs(float(module.weight.mean())) < 0.1 * 0.1 * math.sqrt(2 / fan_in), name
+            assert torch.count_nonzero(module.bias) == 0, name
+    rrdb = cd.RRDBNet(64, 1, 32).requires_grad_(False)
+    conv5 = rrdb.body[0].rdb2.conv5
+    assert float(conv5.weight.std()) == pytest.approx(0.1 * math.sqrt(2 / conv5.weight[0].numel()), rel=0.1)
+    assert torch.count_nonzero(conv5.bias) == 0
+    first = rrdb.conv_first                                     # PyTorch default: U(±1/√fan_in), std 1/√(3 fan_in)
+    assert float(first.weight.std()) == pytest.approx(1 / math.sqrt(3 * 27), rel=0.1) and first.bias.abs().sum() > 0
+
+
+def test_untrained_msrresnet_is_close_to_bilinear_upsampling():
+    """The residual branch starts ~0 (Kaiming x 0.1 in every conv): output ≈ the bilinear x4 it adds."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 24, 20)
+    bilinear = F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        gap = (cd.MSRResNet()(x) - bilinear).abs().max()
+        default = torch.nn.Conv2d(64, 3, 3, 1, 1)                   # PyTorch's default init of the last conv alone
+        net = cd.MSRResNet()
+        net.conv_last = default
+        gap_default = (net(x) - bilinear).abs().max()
+    assert float(gap) < 1e-3 < float(gap_default)
 
 
 # ---- Fréchet distance [Eq. 3] ----------------------------------------------------------------------------
@@ -184,6 +216,22 @@ def test_degradation_shapes_identity_and_equivalence():
     gray = cd.degrade(img[:1], {k: v[2:] for k, v in params.items()} | {"quality": torch.tensor([100])}, 4, 31,
                       gray_noise=True, generator=torch.Generator().manual_seed(0))
     assert gray.shape == (1, 3, 72, 70)
+
+
+def test_each_training_sample_is_degraded_alike_with_any_number_of_processes():
+    """Bins, (σ, l, q), noise fields and so JPEG are a function of (seed, step, global sample index), not of the rank:
+    rank r of N degrades samples r·B/N … of step k exactly as one process degrades them."""
+    img_hr = img_stack(range(4), 64)
+    for cfg, oracle in ((cd.make_config("smoke"), None), (cd.make_config("smoke", gray_noise=True), 4)):
+        sampler = cd.make_sampler(cfg, oracle_setting=oracle)[0]
+        one = cd.train_step_lr(img_hr, sampler, common.StepRandom(0, 5, 4, common.Dist(), "cpu"), cfg)
+        for world in (2, 4):
+            b = 4 // world
+            ranks = [common.StepRandom(0, 5, 4, common.Dist(r, world), "cpu") for r in range(world)]
+            parts = [cd.train_step_lr(img_hr[r * b:(r + 1) * b], sampler, rnd, cfg) for r, rnd in enumerate(ranks)]
+            assert torch.equal(one, torch.cat(parts)), (oracle, world)
+        assert not torch.equal(one, cd.train_step_lr(img_hr, sampler, common.StepRandom(0, 6, 4, common.Dist(), "cpu"),
+                                                     cfg))                     # another step, other draws
 
 
 def test_recovery_of_a_hidden_bin(alexnet):
@@ -330,9 +378,9 @@ def test_resume_continues_identically(tmp_path, tiny_hr_dir):
     cd.main(train_args(tmp_path / "half", tiny_hr_dir, "--resume", "--steps", "4"))
     full, half = last_log(tmp_path / "full"), last_log(tmp_path / "half")
     assert full["step"] == half["step"] == 4 and full["loss"] == half["loss"]
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "half" / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "half" / "last.pt", weights_only=True)
+    assert all(torch.equal(a[part][k], b[part][k]) for part in ("model", "ema") for k in a[part])   # and the EMA
 
 
 def test_resume_keeps_the_runs_config_and_distribution(tmp_path, tiny_hr_dir):
@@ -370,7 +418,7 @@ def test_cli_errors(tmp_path, tiny_hr_dir):
 
 def test_script_shape():
     text = Path(cd.__file__).read_text()
-    assert len(text.splitlines()) <= 900
+    assert len(text.splitlines()) <= 1000
     banners = [f"# ---- {i}. {name}" for i, name in enumerate(
         ["Config", "Degradation", "Networks", "Losses", "Training", "Evaluation", "Official weights", "CLI"], 1)]
     positions = [text.index(b) for b in banners]
@@ -389,7 +437,9 @@ def test_signal_stops_cleanly_and_resume_is_exact(tmp_path, tiny_hr_dir, monkeyp
 
     try:
         monkeypatch.setattr(common.RunLog, "log", log_then_sigterm)
-        cd.main(train_args(tmp_path / "cut", tiny_hr_dir))           # smoke: 4 steps
+        with pytest.raises(SystemExit) as exit_info:                 # smoke: 4 steps; 128 + SIGTERM
+            cd.main(train_args(tmp_path / "cut", tiny_hr_dir))
+        assert exit_info.value.code == 143
         assert all(signal.getsignal(sig) is h for sig, h in handlers.items())   # the script restores them
     finally:
         for sig, handler in handlers.items():
@@ -408,14 +458,18 @@ def test_signal_stops_cleanly_and_resume_is_exact(tmp_path, tiny_hr_dir, monkeyp
 
 
 def test_non_finite_loss_stops_before_the_checkpoint(tmp_path, tiny_hr_dir, monkeypatch):
-    step_lr, nan_step = cd.train_step_lr, {"step": 1}
-    monkeypatch.setattr(cd, "train_step_lr", lambda img_hr, sampler, step, cfg, rank: step_lr(
-        img_hr, sampler, step, cfg, rank) * (float("nan") if step == nan_step["step"] else 1.0))
+    step_lr, nan = cd.train_step_lr, {"step": 1, "calls": 0}
+
+    def nan_at_step(img_hr, sampler, rnd, cfg):                       # call k of a fresh run = step k
+        nan["calls"] += 1
+        return step_lr(img_hr, sampler, rnd, cfg) * (float("nan") if nan["calls"] == nan["step"] else 1.0)
+
+    monkeypatch.setattr(cd, "train_step_lr", nan_at_step)
     with pytest.raises(SystemExit) as err:
         cd.main(train_args(tmp_path / "first", tiny_hr_dir))
     assert str(err.value).startswith("error: loss became nan at step 1; stopped. The last good checkpoint is "
                                      "(none written yet)") and "\n" not in str(err.value)
-    nan_step["step"] = 3                                             # smoke saves every 2 steps
+    nan.update(step=3, calls=0)                                      # smoke saves every 2 steps
     last = tmp_path / "nan" / "last.pt"
     with pytest.raises(SystemExit) as err:
         cd.main(train_args(tmp_path / "nan", tiny_hr_dir))
@@ -443,7 +497,7 @@ def test_tiled_eval(tmp_path, smoke_ckpt, tiny_bench_root):
         cd.main(eval_args(smoke_ckpt, tiny_bench_root, tmp_path / name, *extra))
         with open(tmp_path / name / "results.csv") as f:
             results[name] = [r for r in csv.DictReader(f) if not r["method"].startswith("bicubic")]
-    assert results["one"][0]["method"].startswith("craft_dist msrresnet step 4 tile 16")
+    assert results["one"][0]["method"].startswith("craft_dist msrresnet step 4 EMA tile 16")
     strip = lambda rows: [(r["degradation"], r["psnr"], r["ssim"]) for r in rows]          # noqa: E731
     assert strip(results["one"]) == strip(results["whole"]) and len(results["whole"]) == 3
     assert len(results["small"]) == 3 and all(math.isfinite(float(r["psnr"])) for r in results["small"])
@@ -474,16 +528,75 @@ def test_wrong_scale_and_foreign_checkpoints(tmp_path, smoke_ckpt, tiny_bench_ro
         cd.build_phi("alexnet", tmp_path / "other.pt")                  # weights --phi-weights
 
 
+def torchrun(argv) -> subprocess.CompletedProcess:
+    """`craft_dist.py <argv>` under torchrun with two CPU ranks (tests/ddp_train_probe.py)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "ddp_train_probe.py"), "craft_dist", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
 def test_torchrun_two_ranks_agree(tmp_path, tiny_hr_dir):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "ddp_train_probe.py"), "craft_dist", *train_args(out, tiny_hr_dir, "--steps", "3")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    proc = torchrun(train_args(out, tiny_hr_dir, "--steps", "3"))
     ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["world"] == 2 and r["models"] >= 1 for r in ranks)
     assert all(r["ranks_agree"] for r in ranks) and ranks[0]["checksum"] == ranks[1]["checksum"]
     ckpt = common.load_checkpoint(out / "last.pt", "craft_dist", ("sr",))
     assert ckpt["step"] == 3 and sorted(p.name for p in out.iterdir()) == ["last.pt", "log.jsonl"]   # no stray temp
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]  # rank 0
+
+
+def test_two_processes_compute_the_run_of_one(tmp_path, tiny_hr_dir):
+    """Global batch 4: one process, or two taking 2 each, train the same network and EMA (L1 is a mean over equal
+    shares, no batch statistic); a resume may change the number of processes."""
+    def run(name, *extra):
+        return train_args(tmp_path / name, tiny_hr_dir, "--batch-size", "4", *extra)
+    cd.main(run("one", "--steps", "3"))
+    torchrun(run("two", "--steps", "3"))
+    cd.main(run("mixed", "--steps", "2"))                                           # 1 process ...
+    torchrun(run("mixed", "--steps", "3", "--resume"))                             # ... then 2
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    for name in ("two", "mixed"):
+        ckpt = torch.load(tmp_path / name / "last.pt", weights_only=True)
+        for part in ("model", "ema"):
+            for key, value in one[part].items():
+                torch.testing.assert_close(ckpt[part][key], value, rtol=1e-5, atol=1e-7, msg=f"{name} {part} {key}")
+    assert last_log(tmp_path / "two")["loss"] == pytest.approx(last_log(tmp_path / "one")["loss"], rel=1e-5)
+
+
+def test_ema_formula_and_eval_uses_it(tmp_path, smoke_ckpt, tiny_hr_dir):
+    """θ_ema ← d θ_ema + (1 − d) θ after every step (BasicSR); the checkpoint keeps it and eval loads it."""
+    net, ema = cd.MSRResNet(8, 1), cd.MSRResNet(8, 1)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    cd.ema_update(ema, net, 0.9)
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(ema.state_dict()[key], 0.9 * before[key] + 0.1 * value, rtol=0, atol=1e-7)
+    ckpt = torch.load(smoke_ckpt, weights_only=True)                # smoke preset: decay 0.9
+    assert ckpt["config"]["ema_decay"] == 0.9
+    assert any(not torch.equal(ckpt["ema"][k], v) for k, v in ckpt["model"].items())        # it lags the weights
+    args = SimpleNamespace(ckpt=smoke_ckpt, official_weights=None, scale=4)
+    loaded, title = cd.load_sr_for_eval(args, "cpu")
+    assert title.endswith("step 4 EMA") and all(torch.equal(v, ckpt["ema"][k]) for k, v in loaded.state_dict().items())
+    cd.main(train_args(tmp_path / "plain", tiny_hr_dir, "--ema-decay", "0"))
+    plain = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)
+    args.ckpt = tmp_path / "plain" / "last.pt"
+    loaded, title = cd.load_sr_for_eval(args, "cpu")
+    assert "ema" not in plain and title.endswith("step 4")
+    assert all(torch.equal(v, plain["model"][k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(SystemExit, match=r"^error: --ema-decay 1.0: expected 0 \(no EMA\) <= decay < 1$"):
+        cd.main(train_args(tmp_path / "bad", tiny_hr_dir, "--ema-decay", "1"))
+
+
+def test_refs_can_take_the_crops_weights_takes(tmp_path, clean_dir):
+    """--same-crops: the references are Y_w's crops (same-content validation, spec §7.1) with fresh degradations;
+    by default other positions. Bin (0, 0, 2) is mild, so a reference stays close to the bicubic LR of its crop."""
+    y_w = common.quantize(common.imresize(cd.clean_crops(clean_dir, 4, 288, cd.Config.seed), 1 / 4))  # `weights`' Y_w
+    errors = {}
+    for flag in ("--same-crops", "--no-same-crops"):
+        cd.main(["refs", "--clean-dir", str(clean_dir), "--bin", "0", "0", "2", "--n", "4", "--device", "cpu",
+                 "--out-dir", str(tmp_path / flag), flag])
+        refs = torch.stack([common.load_image(p) for p in sorted((tmp_path / flag).glob("ref*.png"))])
+        errors[flag] = float((refs - y_w).abs().mean())
+    assert errors["--same-crops"] < 0.5 * errors["--no-same-crops"]
