@@ -454,7 +454,8 @@ def run_benchmark(sr_fn, data, protocol: str, scale: int, root="datasets", devic
             with torch.no_grad():
                 img_sr = to_uint8(sr_fn(img_lr))
             if img_sr.shape != img_hr.shape:
-                raise UserError(f"model output {img_sr.shape[:2]} != HR {img_hr.shape[:2]} for {path.name}: "
+                raise UserError(f"model output {img_sr.shape[1]}x{img_sr.shape[0]} != HR {img_hr.shape[1]}x"
+                                f"{img_hr.shape[0]} (width x height) for {path.name}: "
                                 f"does --scale {scale} match the model?")
             rows.append({"set": set_name, "image": path.stem, "degradation": label,
                          "psnr": psnr_y(img_sr, img_hr, scale), "ssim": ssim_y(img_sr, img_hr, scale)})
@@ -654,7 +655,8 @@ def run_paired(sr_fn, lr_dir, hr_dir, scale: int, device, lpips=None, save_dir=N
         with torch.no_grad():
             img_sr = to_uint8(sr_fn(load_image(lr)[None].to(device)))
         if img_sr.shape != img_hr.shape:
-            raise UserError(f"model output {img_sr.shape[:2]} != HR {img_hr.shape[:2]} for {lr.name}: --scale {scale}?")
+            raise UserError(f"model output {img_sr.shape[1]}x{img_sr.shape[0]} != HR {img_hr.shape[1]}x{img_hr.shape[0]} "
+                            f"for {lr.name}: --scale {scale}?")
         rows.append({"set": set_name, "image": lr.stem, "degradation": "paired", "psnr": psnr_y(img_sr, img_hr, scale),
                      "ssim": ssim_y(img_sr, img_hr, scale), "psnr_rgb": psnr_y(img_sr, img_hr, scale, rgb=True),
                      "ssim_rgb": ssim_y(img_sr, img_hr, scale, rgb=True)})
@@ -997,6 +999,21 @@ def at_least(low, kind=int):
     parse.__name__ = kind.__name__                                             # argparse: "invalid int value: 'x'"
     return parse
 
+def show_defaults(parser: argparse.ArgumentParser, config=None) -> argparse.ArgumentParser:
+    """Append "(default: X)" to the help of every option (of every subcommand) that does not state it yet; an option
+    left unset (None) that overrides a field of `config` (a Config dataclass) shows the paper preset's value."""
+    paper = config() if config is not None else None
+    for action in parser._actions:
+        for sub in (action.choices.values() if isinstance(action, argparse._SubParsersAction) else ()):
+            show_defaults(sub, config)
+        default = action.default
+        if default is None and paper is not None and hasattr(paper, action.dest):
+            default = f"{getattr(paper, action.dest)} with --preset paper"
+        if action.help not in (None, argparse.SUPPRESS) and default not in (None, argparse.SUPPRESS) \
+                and "default" not in action.help and action.dest != "help":
+            action.help += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+    return parser
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """Flags every `train`/`eval` shares."""
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -1047,7 +1064,7 @@ def main(argv=None) -> None:
     degrade.add_argument("--out", required=True, help="folder for the LR PNGs (same names)")
     degrade.add_argument("--scale", type=at_least(2), default=4, help="default 4")
     degrade.add_argument("--seed", type=int, default=0, help="with the file name, seeds each image's draw (default 0)")
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     with cli_errors():
         if args.command == "realesrgan":
             return degrade_folder(args.hr_dir, args.out, args.scale, args.seed)

@@ -34,6 +34,8 @@ Deviations / choices (all [ours] or [DEV]; README lists the [DEV] ones)
     [ours] kernel 31x31, separable; MATLAB bicubic ↓4; colour noise (--gray-noise flag); Pillow JPEG 4:2:0, q rounded
           to an integer; phi = AlexNet fc7 after ReLU, ImageNet-normalised input (the paper names only the network);
           flat bin index b = (i_sigma * n_l + i_l) * n_q + i_q (= 15 i_sigma + 3 i_l + i_q), stored in weights.json.
+    [ours] preset smoke (trials, not results): LR 16 / HR crops 64, so any photo >= 64 px, and phi = VGG_{2,2}, since
+          AlexNet needs >= 63 px; every phi states its smallest side (min_side) and `weights` refuses a smaller LR size.
     Not implemented: phi = DASR itself (`--phi encoder:CKPT` takes a kdsr.py student or redsr.py model); LPIPS.
 
 Usage
@@ -41,6 +43,7 @@ Usage
     python craft_dist.py weights --ref-dir refs3 --clean-dir PIPAL/ --alpha 25 --out weights.json
     python craft_dist.py train --weights weights.json --data-dir DIV2K/train_HR     # omit --weights = baseline
     python craft_dist.py eval --ckpt runs/craft_dist/sr/last.pt --data Set5 Set14 --settings 1 2 3 4
+    # --preset smoke on refs, weights and train: the same chain in seconds on a CPU, photos >= 64 px
     torchrun --nproc_per_node=2 craft_dist.py train ...   # DDP, --batch-size global (also `weights`); Ctrl-C/SIGTERM
                                                           # -> last.pt, --resume (with any number of processes)
 """
@@ -102,7 +105,8 @@ PRESETS = {
     "paper": {},
     "smoke": {"n_clean": 6, "num_feat": 16, "num_block": 2, "rrdb_blocks": 1, "rrdb_growth": 8,
               "hr_patch": 64, "batch_size": 2, "steps": 4, "restart_period": 4, "save_every": 2,
-              "ema_decay": 0.9},                                    # short runs: an EMA that has moved
+              "ema_decay": 0.9,                                     # short runs: an EMA that has moved
+              "lr_size": 16, "phi": "vgg19-2_2"},    # photos >= 64 px (HR crops 64); AlexNet needs >= 63 px LR
 }
 
 
@@ -222,6 +226,8 @@ class AlexNetPhi(nn.Module):
     """AlexNet φ [Sec. 3.5] in torchvision's layout; φ(x) = fc7 after ReLU (4096-d) and ImageNet normalisation
     inside [ours]: the paper names the network, not the layer or the input scaling."""
 
+    min_side = 63                                       # 63 -> 15 -> 7 -> 3 -> 1 px: the last 3x3 max-pool fits
+
     def __init__(self):
         super().__init__()
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
@@ -260,6 +266,7 @@ class VGG19Phi(nn.Module):
             layers += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(True)]
             c_in = c_in if v == "M" else v
         self.features = nn.Sequential(*layers[:last_index + 1])
+        self.min_side = 2 ** sum(isinstance(m, nn.MaxPool2d) for m in self.features)   # >= 1 px after each 2x2 pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features((x - self.mean) / self.std).mean(dim=(2, 3))    # (B, C)
@@ -268,6 +275,8 @@ class VGG19Phi(nn.Module):
 class EncoderPhi(nn.Module):
     """φ = a trained degradation encoder, the analogue of the paper's DASR row [Tab. 2]: `encode(x)` maps LR images
     in [0, 1] (no ImageNet normalisation) to their degradation representation (B, C)."""
+
+    min_side = 1               # kdsr.py's estimator: 3x3 convs + global pooling; redsr.py's represent() pads itself
 
     def __init__(self, net: nn.Module, encode):
         super().__init__()
@@ -432,7 +441,7 @@ def clean_crops(dirs, n: int, crop: int, seed: int) -> torch.Tensor:
     for i in range(n):
         img = common.load_uint8(files[i % len(files)])
         if min(img.shape[:2]) < crop:
-            raise common.UserError(f"{files[i % len(files)]} is {img.shape[0]}x{img.shape[1]}, smaller than "
+            raise common.UserError(f"{files[i % len(files)]} is {img.shape[1]}x{img.shape[0]}, smaller than "
                                    f"the {crop}x{crop} clean crop (= {crop // 4} LR x 4)")
         top, left = rng.integers(img.shape[0] - crop + 1), rng.integers(img.shape[1] - crop + 1)
         crops.append(torch.from_numpy(np.ascontiguousarray(img[top:top + crop, left:left + crop])))
@@ -445,7 +454,7 @@ def load_references(ref_dir, size: int) -> torch.Tensor:
     for path in common.list_images(ref_dir):
         img = common.load_uint8(path)
         if min(img.shape[:2]) < size:
-            raise common.UserError(f"reference {path} is {img.shape[0]}x{img.shape[1]}; need at least {size}x{size}")
+            raise common.UserError(f"reference {path} is {img.shape[1]}x{img.shape[0]}; need at least {size}x{size}")
         top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
         imgs.append(torch.from_numpy(np.ascontiguousarray(img[top:top + size, left:left + size])))
     if len(imgs) < 2:
@@ -486,9 +495,14 @@ def bin_distances(phi, img_clean: torch.Tensor, feat_ref: torch.Tensor, cfg: Con
 
 def compute_weights(ref_dir, clean_dirs, cfg: Config, phi_weights=None, device="cpu", dist=common.Dist()) -> dict:
     """The `weights` stage: references + clean set -> distances -> weights [Sec. 3.4, Eq. 3-4]."""
-    img_ref = load_references(ref_dir, cfg.lr_size)                             # (n_ref, 3, 72, 72)
-    img_clean = clean_crops(clean_dirs, cfg.n_clean, cfg.lr_size * cfg.scale, cfg.seed)   # (n, 3, 288, 288)
     phi = build_phi(cfg.phi, phi_weights).to(device)
+    if cfg.lr_size < phi.min_side:                                  # before any image is read
+        raise common.UserError(f"--phi {cfg.phi} needs LR images of at least {phi.min_side}x{phi.min_side}; --preset "
+                               f"{cfg.preset} uses {cfg.lr_size}x{cfg.lr_size}: choose --phi vgg19-2_2 or "
+                               f"--preset paper ({Config.lr_size}x{Config.lr_size} LR, photos >= "
+                               f"{Config.lr_size * Config.scale} px)")
+    img_ref = load_references(ref_dir, cfg.lr_size)                             # (n_ref, 3, 72, 72) paper
+    img_clean = clean_crops(clean_dirs, cfg.n_clean, cfg.lr_size * cfg.scale, cfg.seed)   # (n, 3, 288, 288) paper
     feat_ref = features(phi, img_ref, device)
     distances = bin_distances(phi, img_clean, feat_ref, cfg, device, dist)
     weights = bin_weights(distances, cfg.alpha)
@@ -661,7 +675,8 @@ def evaluate_settings(sr_fns: dict, data, settings, cfg: Config, root, device, s
             for name, sr_fn in sr_fns.items():
                 img_sr = common.to_uint8(sr_fn(img_lr))
                 if img_sr.shape != img_hr.shape:
-                    raise common.UserError(f"output {img_sr.shape[:2]} != HR {img_hr.shape[:2]} for {path.name}")
+                    raise common.UserError(f"output {img_sr.shape[1]}x{img_sr.shape[0]} != HR "
+                                           f"{img_hr.shape[1]}x{img_hr.shape[0]} for {path.name}")
                 rows[name].append({"set": set_name, "image": path.stem, "degradation": f"setting{k}",
                                    "psnr": common.psnr_y(img_sr, img_hr, cfg.scale),
                                    "ssim": common.ssim_y(img_sr, img_hr, cfg.scale),
@@ -843,7 +858,8 @@ def _edges(values):
 
 
 def run_refs(args) -> None:
-    """`refs`: synthesise reference LR images (72x72) from a Tab. 1 setting or one bin [Sec. 4.1]."""
+    """`refs`: synthesise reference LR images (lr_size: 72x72 paper, 16x16 smoke) from a Tab. 1 setting or one bin
+    [Sec. 4.1]."""
     cfg = make_config(args.preset, seed=args.seed)
     gen = torch.Generator().manual_seed(common.eval_seed(f"craft_dist/refs/{cfg.seed}"))
     if args.bin is not None:
@@ -859,21 +875,24 @@ def run_refs(args) -> None:
     img_lr = degrade(img_clean, params, cfg.scale, cfg.kernel_size, cfg.gray_noise, gen)
     for i, img in enumerate(img_lr):
         common.save_image(img, Path(args.out_dir) / f"ref{i:04d}.png")
-    print(f"wrote {len(img_lr)} references to {args.out_dir}")
+    print(f"wrote {len(img_lr)} references of {img_lr.shape[-1]}x{img_lr.shape[-2]} to {args.out_dir}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    lr, small = Config.lr_size, PRESETS["smoke"]["lr_size"]
+    sizes = lambda side: f"{side * lr}x{side * lr} ({side * small}x{side * small} with --preset smoke)"  # noqa: E731
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("weights", help="bin weights from reference LR images [Sec. 3.4]")
-    w.add_argument("--ref-dir", required=True, help="real (or synthetic) degraded LR images, >= 72x72")
-    w.add_argument("--clean-dir", required=True, nargs="+", help="clean HR images Y_w (>= 288x288)")
+    w.add_argument("--ref-dir", required=True, help=f"real (or synthetic) degraded LR images, >= {sizes(1)}")
+    w.add_argument("--clean-dir", required=True, nargs="+", help=f"clean HR images Y_w, >= {sizes(4)}")
     w.add_argument("--out", default=f"runs/{SCRIPT}/weights/weights.json", help="also writes <out>.png")
-    w.add_argument("--alpha", type=common.at_least(0, float), help="Eq. 4 exponent (paper 25; 0 = uniform)")
-    w.add_argument("--phi", default=None, help="alexnet (default), vgg19-2_2, vgg19-5_4, or encoder:CKPT (a kdsr.py "
+    w.add_argument("--alpha", type=common.at_least(0, float), help="Eq. 4 exponent (0 = uniform)")
+    w.add_argument("--phi", default=None, help="alexnet (default; vgg19-2_2 with --preset smoke: AlexNet needs >= 63 "
+                   "px), vgg19-2_2, vgg19-5_4 (>= 16 px), or encoder:CKPT (a kdsr.py "
                    "student or redsr.py checkpoint: its degradation representation, the paper's DASR row)")
-    w.add_argument("--phi-weights", default=None, help="torchvision state dict for φ (random AlexNet if absent)")
-    w.add_argument("--n-clean", type=common.at_least(1), default=None, help="clean 288x288 crops (paper ~100)")
+    w.add_argument("--phi-weights", default=None, help="torchvision state dict for φ (random init, seed 0, if absent)")
+    w.add_argument("--n-clean", type=common.at_least(1), default=None, help=f"clean {sizes(4)} crops Y_w (paper ~100)")
     for name in ("sigma", "noise", "quality"):
         w.add_argument(f"--{name}-edges", type=float, nargs="+", default=None)
     r = sub.add_parser("refs", help="synthesise reference LR images from a Tab. 1 setting or a bin")
@@ -917,11 +936,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_eval_args(e)
     common.add_run_args(e)
     for p in (w, r, t):
-        p.add_argument("--preset", choices=sorted(PRESETS), help="paper (default) or smoke (a tiny model for trials)")
+        p.add_argument("--preset", choices=sorted(PRESETS), help=f"paper (default) or smoke: a tiny model for trials, "
+                       f"LR {small}x{small} / HR {small * 4}x{small * 4} (any photo >= {small * 4} px), φ vgg19-2_2")
     for p in (w, r):
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--seed", type=int, default=None)
-    return parser
+    return common.show_defaults(parser, Config)
 
 
 def main(argv=None) -> None:

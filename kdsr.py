@@ -910,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--sigmas", type=common.at_least(0.1, float), nargs="+", default=[0.6, 1.2, 1.8, 2.4, 3.0, 3.6],
                     help="isotropic blur widths of the LR images")
     em.add_argument("--out", help="PNG path (default <out-dir>/embed.png)")
-    return parser
+    return common.show_defaults(parser, Config)
 
 
 def resolve_handoffs(args, resume: Path | None) -> None:

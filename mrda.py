@@ -680,7 +680,7 @@ def load_for_inference(args, device) -> tuple[MRDA, MLN | None, Config, str]:
     if args.released_step_sizes is not None:   # default: as trained (a released file: the paper's alpha)
         cfg = dataclasses.replace(cfg, released_step_sizes=args.released_step_sizes)
     name = "MRDA_T-oracle" if model.teacher else "MRDA_S"
-    name += "" if (cfg.n_feats, cfg.n_blocks) == (64, 27) else "-custom"
+    name += "" if cfg.preset == "paper" else f"-{cfg.preset}"                    # MRDA_S-smoke, like KDSR_S-smoke
     name += " released-steps" * (model.teacher and cfg.released_step_sizes) + " adapt-upscaler" * args.adapt_upscaler
     return model.to(device).eval(), mln, cfg, name
 
@@ -848,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "pools globally, so each tile gets its own D: the output differs from the whole-image one "
                          "unless the tile covers the LR image. Not for the teacher (it adapts on the whole HR)")
     ev.add_argument("--tile-overlap", type=common.at_least(0), default=16, help="LR px of context (default 16)")
-    return parser
+    return common.show_defaults(parser, Config)
 
 
 def config_from_args(args, resume: Path | None) -> Config:

@@ -190,7 +190,7 @@ def make_stand_in_lr(hr_dir, out_dir, lambda1: float, lambda2: float, theta_deg:
     for path in files:
         img_hr = torch.from_numpy(common.modcrop(common.load_uint8(path), scale)).permute(2, 0, 1)[None] / 255
         if min(img_hr.shape[-2:]) <= kernel.shape[-1] // 2:
-            raise common.UserError(f"{path} is {tuple(img_hr.shape[-2:])}: the {kernel.shape[-1]}-tap kernel "
+            raise common.UserError(f"{path} is {img_hr.shape[-1]}x{img_hr.shape[-2]}: the {kernel.shape[-1]}-tap kernel "
                                    f"needs >= {kernel.shape[-1] // 2 + 1} px (reflect padding)")
         y = blur_downsample(img_hr.float(), kernel, scale)
         y = common.quantize(common.add_noise(y, noise, generator) if noise > 0 else y)
@@ -828,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--noise", type=float, default=10.0, help="sigma on 0-255")
     mk.add_argument("--scale", type=common.at_least(1), default=4)
     mk.add_argument("--seed", type=int, default=0)
-    return parser
+    return common.show_defaults(parser, Config)
 
 
 def explicit_flags(args) -> dict:

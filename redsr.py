@@ -181,7 +181,7 @@ class Encoder(nn.Module):
 
     def forward(self, img_lr: torch.Tensor) -> torch.Tensor:
         if min(img_lr.shape[-2:]) < self.min_side:
-            raise ValueError(f"Encoder needs an LR side >= {self.min_side} px, got {tuple(img_lr.shape[-2:])}")
+            raise ValueError(f"Encoder needs an LR side >= {self.min_side} px, got {img_lr.shape[-1]}x{img_lr.shape[-2]}")
         return self.body(img_lr).mean(dim=(2, 3))  # (B, C)
 
 
@@ -740,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_eval_args(em)
     em.add_argument("--n-prior", type=common.at_least(1), default=1000, help="samples of the predefined distribution")
     em.add_argument("--out", help="PNG path (default <out-dir>/embed.png)")
-    return parser
+    return common.show_defaults(parser, Config)
 
 
 def explicit_flags(args) -> dict:

@@ -308,35 +308,79 @@ def last_log(out):
     return json.loads((Path(out) / "log.jsonl").read_text().splitlines()[-1])
 
 
-def test_weights_train_eval_end_to_end(tmp_path, clean_dir, tiny_hr_dir, tiny_bench_root, capsys):
-    refs = tmp_path / "refs"
-    cd.main(["refs", "--preset", "smoke", "--clean-dir", str(clean_dir), "--setting", "3", "--n", "6",
+@pytest.fixture(scope="module")
+def photos_64(tmp_path_factory):
+    """<root>/Photos/HR: four 80x64 photos (width x height), the smallest the smoke preset takes; the folder is the
+    clean set, the training set and (as benchmark 'Photos' under <root>) the test set."""
+    root = tmp_path_factory.mktemp("photos64")
+    (root / "Photos" / "HR").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(synthetic_image(300 + i, 64, 80)).save(root / "Photos" / "HR" / f"p{i}.png")
+    return root
+
+
+def test_smoke_chain_on_64px_photos(tmp_path, photos_64, capsys):
+    """refs -> weights -> train -> eval with --preset smoke on photos whose shorter side is 64 px: LR 16, HR crops 64,
+    φ = vgg19-2_2 (AlexNet needs 63 px); the paper preset keeps 72 / 288 / AlexNet."""
+    paper, smoke = cd.make_config("paper"), cd.make_config("smoke")
+    assert (paper.lr_size, paper.hr_patch, paper.phi) == (72, 288, "alexnet") and cd.PRESETS["paper"] == {}
+    assert (smoke.lr_size, smoke.hr_patch, smoke.phi) == (16, 64, "vgg19-2_2")
+    photos, refs = photos_64 / "Photos" / "HR", tmp_path / "refs"
+    cd.main(["refs", "--preset", "smoke", "--clean-dir", str(photos), "--setting", "3", "--n", "6",
              "--out-dir", str(refs), "--device", "cpu"])
-    assert len(list(refs.glob("*.png"))) == 6 and Image.open(refs / "ref0000.png").size == (72, 72)
+    assert len(list(refs.glob("*.png"))) == 6 and Image.open(refs / "ref0000.png").size == (16, 16)
+    assert f"wrote 6 references of 16x16 to {refs}" in capsys.readouterr().out
     out = tmp_path / "w" / "weights.json"
-    cd.main(["weights", "--preset", "smoke", "--ref-dir", str(refs), "--clean-dir", str(clean_dir),
+    cd.main(["weights", "--preset", "smoke", "--ref-dir", str(refs), "--clean-dir", str(photos),
              "--alpha", "25", "--out", str(out), "--device", "cpu", "--sigma-edges", "0", "2.5", "5",
              "--noise-edges", "0", "25", "50", "--quality-edges", "30", "60", "90"])    # 2 x 2 x 2 bins: fast
     data = json.loads(out.read_text())
     assert len(data["weights"]) == 8 and len(data["distances"]) == 8 and data["shape"] == [2, 2, 2]
     assert sum(data["weights"]) == pytest.approx(1) and min(data["weights"]) == 0.0
     assert data["quality_edges"] == [30, 60, 90] and data["n_ref"] == 6 and data["n_clean"] == 6
+    assert data["phi"] == "vgg19-2_2"
     assert Image.open(out.with_suffix(".png")).size == (2 * 2 * 24 + 8, 2 * 24)
     run = tmp_path / "sr"
-    cd.main(train_args(run, tiny_hr_dir, "--weights", str(out)))
+    cd.main(train_args(run, photos, "--weights", str(out)))
     ckpt = torch.load(run / "last.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["weights"] == pytest.approx(data["weights"])
-    assert ckpt["edges"][1] == [0, 25, 50]                           # training samples the file's bins
+    assert ckpt["edges"][1] == [0, 25, 50] and ckpt["config"]["hr_patch"] == 64  # training samples the file's bins
     assert math.isfinite(last_log(run)["loss"])
     ev = tmp_path / "eval"
-    cd.main(["eval", "--ckpt", str(run / "last.pt"), "--data", "Tiny", "--data-root", str(tiny_bench_root),
-             "--settings", "1", "3", "--out-dir", str(ev), "--device", "cpu"])
+    cd.main(["eval", "--ckpt", str(run / "last.pt"), "--data", "Photos", "--data-root", str(photos_64),
+             "--settings", "1", "3", "--out-dir", str(ev), "--device", "cpu", "--save-images"])
     md = (ev / "results.md").read_text()
     assert "setting1" in md and "setting3" in md and "### bicubic" in md and "msrresnet step 4" in md
     assert "PSNR RGB SSIM RGB" in capsys.readouterr().out
-    cd.main(["eval", "--ckpt", str(run / "last.pt"), "--data", "Tiny", "--data-root", str(tiny_bench_root),
+    assert Image.open(ev / "images" / "Photos" / "setting3" / "p0.png").size == (80, 64)
+    cd.main(["eval", "--ckpt", str(run / "last.pt"), "--data", "Photos", "--data-root", str(photos_64),
              "--settings", "--protocol", "bicubic", "--out-dir", str(tmp_path / "ev2"), "--device", "cpu"])
-    assert "| Tiny | bicubic |" in (tmp_path / "ev2" / "results.md").read_text()
+    assert "| Photos | bicubic |" in (tmp_path / "ev2" / "results.md").read_text()
+
+
+def test_images_too_small_for_phi_or_preset_are_refused_in_one_line(tmp_path, photos_64, alexnet):
+    """Each φ states the smallest side it takes (AlexNet 63, VGG_{2,2} 2, VGG_{5,4} 16) and `weights` refuses a preset
+    whose LR size is smaller; every size in a message is width x height."""
+    with torch.no_grad():
+        for phi in (alexnet, cd.VGG19Phi(8), cd.VGG19Phi(35)):
+            phi(torch.rand(1, 3, phi.min_side, phi.min_side))
+            with pytest.raises(RuntimeError):
+                phi(torch.rand(1, 3, phi.min_side - 1, phi.min_side - 1))
+    assert (alexnet.min_side, cd.VGG19Phi(8).min_side, cd.VGG19Phi(35).min_side) == (63, 2, 16)
+    photos = photos_64 / "Photos" / "HR"
+    weights = ["weights", "--preset", "smoke", "--clean-dir", str(photos), "--device", "cpu", "--out",
+               str(tmp_path / "w.json")]
+    with pytest.raises(SystemExit) as err:
+        cd.main([*weights, "--ref-dir", str(photos), "--phi", "alexnet"])
+    assert str(err.value) == ("error: --phi alexnet needs LR images of at least 63x63; --preset smoke uses 16x16: "
+                              "choose --phi vgg19-2_2 or --preset paper (72x72 LR, photos >= 288 px)")
+    assert not (tmp_path / "w.json").exists()
+    (tmp_path / "refs").mkdir()
+    Image.fromarray(synthetic_image(0, 12, 20)).save(tmp_path / "refs" / "small.png")    # 20 wide, 12 high
+    with pytest.raises(SystemExit, match=r"^error: reference .*small.png is 20x12; need at least 16x16$"):
+        cd.main([*weights, "--ref-dir", str(tmp_path / "refs")])
+    with pytest.raises(SystemExit, match=r"^error: .*p0.png is 80x64, smaller than the 288x288 clean crop"):
+        cd.main(["refs", "--clean-dir", str(photos), "--setting", "1", "--out-dir", str(tmp_path / "r")])  # paper
 
 
 def test_encoder_phi_from_kdsr_and_redsr_checkpoints(tmp_path, clean_dir, tiny_hr_dir):
@@ -348,7 +392,7 @@ def test_encoder_phi_from_kdsr_and_redsr_checkpoints(tmp_path, clean_dir, tiny_h
     student = kdsr.main(["train", "--stage", "student", "--teacher-ckpt", str(teacher), "--out-dir",
                          str(tmp_path / "ks"), *smoke])
     redsr.main(["train", "--out-dir", str(tmp_path / "r"), *smoke])
-    x = img_stack([1, 2], 72)
+    x = img_stack([1, 2], cd.make_config("smoke").lr_size)                    # the smoke preset's 16x16 LR
     for ckpt, script in ((student, "kdsr"), (tmp_path / "r" / "last.pt", "redsr")):
         module = __import__(script)
         net, cfg = module.load_for_inference(SimpleNamespace(ckpt=ckpt, official_weights=None, scale=4), "cpu")[:2]

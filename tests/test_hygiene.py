@@ -150,3 +150,13 @@ def test_every_refusal_leaves_through_one_path(name):
     raised = [ast.unparse(node.exc) for node in ast.walk(tree) if isinstance(node, ast.Raise) and node.exc is not None]
     own_exits = [r for r in raised if r.startswith("SystemExit") and "128 +" not in r]
     assert own_exits == ([] if name != "common" else ["SystemExit(f'error: {err}')"]), own_exits
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_shows_every_default(name):
+    """--help states the default of every option that has one, and the paper value of every Config override."""
+    module = __import__(name)
+    fields = set(module.Config.__dataclass_fields__) if hasattr(module, "Config") else set()
+    for cmd, action in options(module.build_parser()):
+        if action.dest != "help" and action.help and (action.default is not None or action.dest in fields):
+            assert "default" in action.help, f"{name}.py {cmd} {action.option_strings[0]}: {action.help!r}"

@@ -496,3 +496,32 @@ def test_exit_statuses_of_the_command_line(tiny_hr_dir, tmp_path):
     usage = subprocess.run([sys.executable, str(REPO / "kdsr.py"), "train", "--stage", "teacher", "--data-dir", "d",
                             "--steps", "0"], capture_output=True, text=True)
     assert usage.returncode == 2 and "--steps: expected int >= 1, got 0" in usage.stderr
+
+
+def test_eval_refuses_a_missing_second_set_and_an_unwritable_out_dir_before_any_image(student_ckpt, tiny_bench_root,
+                                                                                     tmp_path, capsys):
+    run = ["eval", "--ckpt", str(student_ckpt), "--data-root", str(tiny_bench_root), "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"^error: benchmark 'Nope' not found"):
+        kdsr.main([*run, "--data", "Tiny", "Nope", "--out-dir", str(tmp_path / "a")])
+    (blocked := tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: cannot write to .*file"):
+        kdsr.main([*run, "--data", "Tiny", "--out-dir", str(blocked / "out")])
+    assert "Tiny 1/2" not in capsys.readouterr().out                 # no image was super-resolved
+
+
+def test_train_refuses_an_unwritable_out_dir_before_reading_data(tmp_path, capsys):
+    (blocked := tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: cannot write to .*file"):
+        kdsr.main(["train", "--stage", "teacher", "--data-dir", str(tmp_path / "no_such_data"),
+                   "--out-dir", str(blocked / "run"), *SMOKE])        # the data folder would fail later
+
+
+def test_tables_and_progress_lines_look_alike(student_ckpt, tiny_bench_root, tmp_path, capsys):
+    """Model row before the bicubic row, the set's name (not its path) in titles, progress lines naming their pass,
+    a closing `results:` line."""
+    kdsr.main(["eval", "--ckpt", str(student_ckpt), "--data", str(tiny_bench_root / "Tiny" / "HR"), "--device", "cpu",
+               "--protocol", "bicubic", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "  KDSR_S-smoke: Tiny 1/2" in out and "  bicubic: Tiny 2/2" in out
+    assert out.index("KDSR_S-smoke x4 bicubic Tiny") < out.index("bicubic x4 bicubic Tiny")
+    assert out.rstrip().endswith(f"results: {tmp_path / 'results.md'}")

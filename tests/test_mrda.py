@@ -256,12 +256,12 @@ def test_eval_student_teacher_and_aniso_table(chain, tiny_bench_root, tmp_path):
                          "--save-images", *run])
     assert [r["degradation"] for r in summary][-1] == "mean" and len(summary) == 9
     results = (tmp_path / "e" / "results.md").read_text()
-    assert "MRDA_S-custom x4 gaussian8 Tiny" in results and "bicubic x4 gaussian8 Tiny" in results
+    assert "MRDA_S-smoke x4 gaussian8 Tiny" in results and "bicubic x4 gaussian8 Tiny" in results
     assert (tmp_path / "e" / "results.csv").is_file()
     assert len(list((tmp_path / "e" / "images").rglob("*.png"))) == 16  # 2 images x 8 sigmas
     oracle = mrda.main(["eval", "--ckpt", str(chain["teacher"]), "--out-dir", str(tmp_path / "t"), *run])
     assert len(oracle) == 9 and all(math.isfinite(r["psnr"]) for r in oracle)
-    assert "MRDA_T-oracle-custom x4 gaussian8 Tiny" in (tmp_path / "t" / "results.md").read_text()
+    assert "MRDA_T-oracle-smoke x4 gaussian8 Tiny" in (tmp_path / "t" / "results.md").read_text()
     aniso = mrda.main(["eval", "--ckpt", str(chain["student"]), "--protocol", "aniso_noise", "--limit", "1",
                        "--out-dir", str(tmp_path / "a"), *run])
     assert len(aniso) == 28 and aniso[0]["degradation"] == "k1/n0"
@@ -410,14 +410,14 @@ def test_eval_adapts_as_the_release_only_with_its_flags(chain, tiny_bench_root, 
     mrda.main([*run, "--out-dir", str(tmp_path / "ours")])
     alphas, theta, theta_m = calls[-1]
     assert alphas == [1e-2, 1e-2] and not any(k.startswith("tail.") for k in theta)  # defaults: paper alpha, head + body
-    assert "MRDA_T-oracle-custom x4 bicubic Tiny" in (tmp_path / "ours" / "results.md").read_text()
+    assert "MRDA_T-oracle-smoke x4 bicubic Tiny" in (tmp_path / "ours" / "results.md").read_text()
     mrda.main([*run, "--released-step-sizes", "--adapt-upscaler", "--out-dir", str(tmp_path / "release")])
     alphas, theta, theta_m = calls[-1]
     tail = [k for k in theta_m if k.startswith("tail.")]
     assert alphas == [1e-2, 5e-3] and len(tail) == 6 and all(k in theta for k in tail)  # smoke n = 2
     assert all(not torch.equal(theta[k], theta_m[k]) for k in tail)                      # the upscaler adapted
     assert all(torch.equal(theta_m[k], v) for k, v in load(chain["teacher"])["mln"].items())  # theta_M untouched
-    assert "MRDA_T-oracle-custom released-steps adapt-upscaler x4" in (tmp_path / "release" / "results.md").read_text()
+    assert "MRDA_T-oracle-smoke released-steps adapt-upscaler x4" in (tmp_path / "release" / "results.md").read_text()
     with pytest.raises(SystemExit, match="^error: --adapt-upscaler and --released-step-sizes are for a teacher"):
         mrda.main([*run[:2], str(chain["student"]), *run[3:], "--adapt-upscaler"])
 
@@ -493,7 +493,7 @@ def test_tiled_eval_and_wrong_scale(chain, tiny_bench_root, tmp_path):
     assert [r["psnr"] for r in covering] == [r["psnr"] for r in whole]
     tiled = mrda.main([*run, "--tile", "8", "--tile-overlap", "2", "--out-dir", str(tmp_path / "t8")])
     assert all(math.isfinite(r["psnr"]) for r in tiled) and tiled != whole  # DEN_S pools per tile
-    assert "MRDA_S-custom tile8 x4 gaussian8 Tiny" in (tmp_path / "t8" / "results.md").read_text()
+    assert "MRDA_S-smoke tile8 x4 gaussian8 Tiny" in (tmp_path / "t8" / "results.md").read_text()
     with pytest.raises(SystemExit, match="^2$"):  # argparse usage error: expected int >= 0
         mrda.main([*run, "--tile", "8", "--tile-overlap", "-1"])
     with pytest.raises(SystemExit, match="^error: --tile is for the student"):
