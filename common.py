@@ -77,9 +77,9 @@ class HRPatches(torch.utils.data.Dataset):
         with ThreadPoolExecutor(8) as pool:                                         # Pillow releases the GIL
             self.images = list(pool.map(load_uint8, self.files))
         for path, img in zip(self.files, self.images):
-            if min(img.shape[:2]) < (patch_size // 2 + 1 if pad_small else patch_size):  # reflection needs > half
-                raise UserError(f"{path} is {img.shape[1]}x{img.shape[0]}, smaller than the {patch_size}x"
-                                f"{patch_size} HR training patch{' allows (half, padded)' if pad_small else ''}: "
+            if min(img.shape[:2]) < (need := patch_size // 2 + 1 if pad_small else patch_size):  # reflect: > half
+                raise UserError(f"{path} is {img.shape[1]}x{img.shape[0]}, smaller than the {patch_size}x{patch_size} "
+                                f"HR training patch{f' can be padded from ({need} px a side)' if pad_small else ''}: "
                                 f"remove it or lower the patch size")
         self.patch_size, self.crops_per_item, self.seed = patch_size, crops_per_item, 0
         self.augment, self.pad_small = augment, pad_small

@@ -409,3 +409,20 @@ def test_aniso_noise_is_x4_only_and_bad_images_stop_an_eval_before_it_starts(tin
     (blocked := tmp_path / "file").write_text("")
     with pytest.raises(common.UserError, match="cannot write to"):
         common.writable_dir(blocked / "out")
+
+
+def test_hr_patches_pad_small_images_and_flip_only_as_asked(tmp_path):
+    """Real-ESRGAN loaders: an image smaller than the crop is reflect-padded (REFLECT_101) bottom/right; "h" flips only
+    horizontally."""
+    from PIL import Image
+    img = synthetic_image(3, 80, 100)
+    Image.fromarray(img).save(tmp_path / "small.png")
+    data = common.HRPatches(tmp_path, 128, augment="", pad_small=True)
+    padded = np.pad(img, ((0, 48), (0, 28), (0, 0)), mode="reflect")         # numpy reflect = cv2 REFLECT_101
+    assert all(torch.equal(data[i], torch.from_numpy(padded).permute(2, 0, 1).float() / 255) for i in range(3))
+    flips = common.HRPatches(tmp_path, 64, augment="h")
+    crops = [flips[i] for i in range(40)]
+    assert all(not torch.equal(c, c.transpose(-1, -2)) for c in crops)      # never transposed (a square crop)
+    with pytest.raises(common.UserError, match=r"small\.png is 100x80, smaller than the 200x200 HR training patch can "
+                                               r"be padded from \(101 px a side\)"):
+        common.HRPatches(tmp_path, 200, pad_small=True)
