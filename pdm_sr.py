@@ -13,8 +13,9 @@ Paper map (paper element -> symbol here)
     Eq. 12 l_reg = ||n||^2, as a mean (released)        -> noise_regularizer
     Eq. 13 l_adv + lambda l_reg (LSGAN, as released)    -> lsgan_generator_loss, lsgan_discriminator_loss, pdm_step
     Sec. 3.4 joint PDM-SR training                      -> train_step (PDM, then D, then SR on detached Q8(y))
-    Sec. 4.1 PatchGAN, EDSR-baseline / RRDB backbones   -> Discriminator, EDSR, RRDBNet
-    Tab. 4 fixed z_k, z_n ablation                      -> Config.fixed_z (--fixed-z)
+    Sec. 3.4, Tabs. 2-3 PDM-SRGAN (EDSR, RRDB)          -> --gan: sr_generator_losses, sr_step, perceptual_loss
+    Sec. 4.1 PatchGAN, EDSR-baseline / RRDB backbones   -> Discriminator (on LR; D2 on HR), EDSR, RRDBNet
+    Tab. 4 fixed z_k and/or z_n ablation                -> Config.fixed_zk, fixed_zn (--fixed-zk, --fixed-zn)
     Figs. 6-7 learned kernels and noise                 -> sample (PNG sheet)
     Sec. 5 of the spec: offline stand-in "real" LR      -> make_stand_in_lr (`make-lr`)
 
@@ -25,8 +26,9 @@ Deviations (each [DEV] is listed in the README):
       released configs use 1x1 convs and the 2020 configs broadcast one noise value per image (issue #15).
     - [DEV] EDSR mean shift frozen (the release trains it by mistake); official weights load its values as stored.
     - [DEV] noise head always zero-initialised; seed honoured; one Config instead of the release's YAMLs.
-    - [DEV] metrics: paired data get the paper's RGB PSNR/SSIM (shave = scale) and the protocol's Y; no LPIPS, no
-      shift-searched scorer; netSR starts from random init unless --sr-init (the bicubic EDSR is not shipped).
+    - [DEV] metrics: paired data get the paper's RGB PSNR/SSIM (shave = scale), the protocol's Y and LPIPS of the whole
+      RGB image (paper: cropped; release: BGR); no shift-searched scorer. netSR random-init unless --sr-init.
+    - [DEV] PDM-SRGAN's perceptual loss trains netSR (released: detached, a no-op; kept as --release-perceptual).
 
 Scale-out [ours]: --batch-size is the global batch, N torchrun processes take batch / N each and compute what one
 process would (draw_z, sync_batchnorm), except netN's BatchNorm on CPU (gloo has no SyncBatchNorm).
@@ -37,7 +39,8 @@ Usage:
     python pdm_sr.py train --stage deg --hr-dir HR --lr-dir LR --out-dir runs/pdm_sr/deg
     python pdm_sr.py train --stage sr --hr-dir HR --deg-ckpt runs/pdm_sr/deg/last.pt
     python pdm_sr.py sample --ckpt runs/pdm_sr/joint/last.pt --hr-dir HR --out runs/pdm_sr/sample
-    python pdm_sr.py eval --ckpt runs/pdm_sr/joint/last.pt --data valid/HR --lr-data valid/LR
+    python pdm_sr.py train --gan --vgg-weights vgg19-dcbb9e9d.pth --loss-weights 2020track1 --hr-dir HR --lr-dir LR
+    python pdm_sr.py eval --ckpt last.pt --data valid/HR --lr-data valid/LR --lpips-weights alexnet.pth alex.pth
     python pdm_sr.py eval --official-weights EDSR_x4.pth --sr-net edsr --data Set5 --protocol gaussian8
     torchrun --nproc_per_node=4 pdm_sr.py train --hr-dir HR --lr-dir LR
 """
@@ -62,7 +65,12 @@ SR_NETS = ("edsr", "rrdb")
 DIV2K_MEAN = (0.4488, 0.4371, 0.4040)          # [official code] EDSR-PyTorch MeanShift, rgb_range 255
 DISC_STRIDE = {"joint": 1, "deg": 2}            # [official code] PatchGAN stride t per training mode
 PDM_FIELDS = ("kernel_size", "zk_dim", "netk_feats", "netk_blocks", "spatial_kernel", "use_noise", "zn_dim",
-              "netn_feats", "netn_blocks", "noise_conv", "fixed_z")
+              "netn_feats", "netn_blocks", "noise_conv", "fixed_zk", "fixed_zn")
+LOSS_WEIGHTS = {"others": (1.0, 0.05, 0.05),       # [official code] percep/*.yml: (L1, LSGAN on HR, perceptual)
+                "2020track1": (0.01, 0.005, 0.05)}  # [official code] percep/2020Track1.yml
+VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512)
+# [official code] conv5_4 (features.34), pre-ReLU, weight 1: read by the kdsr.py copies (their docstrings: KDSR's)
+PERCEPTUAL_LAYERS = {34: 1.0}
 
 
 # ---- 1. Config ---------------------------------------------------------------------------------------------
@@ -88,7 +96,9 @@ class Config:
     netn_feats: int = 64             # [official code]
     netn_blocks: int = 8             # [official code]
     noise_conv: int = 3              # [Sec. 4.1] 3x3 convs (1: pixel-independent noise)
-    fixed_z: bool = False            # [Tab. 4] z_k = z_n = 0 (deterministic ablation)
+    fixed_zk: bool = False           # [Tab. 4] z_k = 0 ("only z_n random"; with fixed_zn: deterministic)
+    fixed_zn: bool = False           # [Tab. 4] z_n = 0 ("only z_k random")
+    fixed_z: dataclasses.InitVar[bool] = False  # [ours] both of the above (--fixed-z; older checkpoints' key)
     lambda_reg: float = 100.0        # [Eq. 13] lambda
     # discriminator, SR network
     disc_feats: int = 64             # [official code] PatchGAN width
@@ -97,6 +107,10 @@ class Config:
     sr_blocks: int | None = None     # [Sec. 4.1] None: the backbone's own, EDSR baseline 16 / RRDB 23
     edsr_res_scale: float = 1.0      # [official code] every released config sets 1 (the EDSR class default is 0.1)
     rrdb_growth: int = 32            # [official code] RRDB growth channels
+    # PDM-SRGAN [Sec. 3.4]: netSR also gets LSGAN from D2 (PatchGAN on HR) and a VGG19 conv5_4 perceptual loss
+    gan: bool = False                # [Sec. 3.4] off: PDM-SR (L1 only)
+    loss_weights: tuple = LOSS_WEIGHTS["others"]  # [official code] (L1, LSGAN, perceptual); the paper gives none
+    release_perceptual: bool = False  # [official code] the released no-op perceptual term (logged, no gradient)
     # optimisation
     learning_rate: float = 2e-4      # [Sec. 4.1]
     beta1: float = 0.9               # [official code]
@@ -105,6 +119,9 @@ class Config:
     lr_milestones: tuple = (50_000, 100_000, 150_000)  # [official code] halve at these steps [DEV] vs text
     steps: int = 200_000             # [Sec. 4.1]
     preset: str = "paper"            # [ours] the preset the run started from (a label --resume checks)
+
+    def __post_init__(self, fixed_z: bool):
+        self.fixed_zk, self.fixed_zn = self.fixed_zk or fixed_z, self.fixed_zn or fixed_z
 
 
 PRESETS = {
@@ -127,6 +144,8 @@ def check_config(cfg: Config) -> None:
         raise common.UserError(f"--sr-net must be one of {SR_NETS}, got {cfg.sr_net!r}")
     if cfg.noise_conv not in (1, 3):
         raise common.UserError(f"noise_conv must be 1 or 3, got {cfg.noise_conv}")
+    if not cfg.gan and (cfg.loss_weights != LOSS_WEIGHTS["others"] or cfg.release_perceptual):
+        raise common.UserError("--loss-weights and --release-perceptual are PDM-SRGAN settings: add --gan")
     if cfg.batch_size < 2 and not cfg.spatial_kernel:    # global batch (netK sees all z_k); spatial: BN pools h x w
         raise common.UserError("netK's BatchNorm normalises over the batch of 1x1 z_k: use a batch size >= 2")
 
@@ -259,33 +278,37 @@ class PDM(nn.Module):
 
     def __init__(self, scale: int = 4, kernel_size: int = 21, zk_dim: int = 64, netk_feats: int = 64,
                  netk_blocks: int = 16, spatial_kernel: bool = False, use_noise: bool = True, zn_dim: int = 3,
-                 netn_feats: int = 64, netn_blocks: int = 8, noise_conv: int = 3, fixed_z: bool = False):
+                 netn_feats: int = 64, netn_blocks: int = 8, noise_conv: int = 3, fixed_zk: bool = False,
+                 fixed_zn: bool = False):
         super().__init__()
         self.scale, self.kernel_size, self.zk_dim, self.zn_dim = scale, kernel_size, zk_dim, zn_dim
-        self.spatial_kernel, self.fixed_z = spatial_kernel, fixed_z
+        self.spatial_kernel, self.fixed_zk, self.fixed_zn = spatial_kernel, fixed_zk, fixed_zn
         self.deg_kernel = KernelModule(zk_dim, netk_feats, netk_blocks, kernel_size, spatial_kernel)
         self.deg_noise = NoiseModule(zn_dim, netn_feats, netn_blocks, noise_conv) if use_noise else None
 
-    def _z(self, z: torch.Tensor | None, *shape, like: torch.Tensor) -> torch.Tensor:
-        """The caller's z, else z ~ N(0, I) of `shape`; zeros for the fixed-z ablation [Tab. 4]."""
+    @staticmethod
+    def _z(z: torch.Tensor | None, fixed: bool, *shape, like: torch.Tensor) -> torch.Tensor:
+        """The caller's z, else z ~ N(0, I) of `shape`; zeros when fixed (the "fixed" rows of Tab. 4)."""
         z = torch.randn(shape, device=like.device, dtype=like.dtype) if z is None else z.to(like)
-        return torch.zeros_like(z) if self.fixed_z else z
+        return torch.zeros_like(z) if fixed else z
 
     def forward(self, img_hr: torch.Tensor, z_k=None, z_n=None, share: slice = slice(None)):
         """z_k, z_n drawn here unless given. A given z_k may hold a larger batch (a whole global batch) of which img_hr
         is rows `share`: netK's BatchNorm then normalises over all of them and those rows' kernels are kept."""
         b, _, h, w = img_hr.shape
         k, s = self.kernel_size, self.scale
-        if self.spatial_kernel:  # [Eq. 5] z_k (B, f_k, H, W) at the HR pixels; one kernel per LR output pixel [ours]
-            kernels = self.deg_kernel(self._z(z_k, b, self.zk_dim, h, w, like=img_hr))[share, :, ::s, ::s]
-            kernels = kernels.reshape(b, k, k, h // s, w // s)                   # (B, k, k, h, w)
+        # [Eq. 5] z_k (B, f_k, H, W) at the HR pixels, one kernel per LR output pixel [ours]; [Eq. 6] z_k (B, f_k, 1, 1)
+        z_k = self._z(z_k, self.fixed_zk, b, self.zk_dim, *((h, w) if self.spatial_kernel else (1, 1)), like=img_hr)
+        if self.spatial_kernel:
+            kernels = self.deg_kernel(z_k)[share, :, ::s, ::s].reshape(b, k, k, h // s, w // s)   # (B, k, k, h, w)
             y_clean = blur_downsample_variant(img_hr, kernels, s)
-        else:  # [Eq. 6] z_k (B, f_k, 1, 1)
-            kernels = self.deg_kernel(self._z(z_k, b, self.zk_dim, 1, 1, like=img_hr))[share].view(b, k, k)
+        else:
+            kernels = self.deg_kernel(z_k)[share].view(b, k, k)                  # (B, k, k)
             y_clean = blur_downsample(img_hr, kernels, s)                         # (B, 3, h, w)
         if self.deg_noise is None:  # clean setting: soft 8-bit rounding, no noise [official code]
             return soft_round(y_clean), kernels, None
-        noise = self.deg_noise(y_clean, self._z(z_n, b, self.zn_dim, *y_clean.shape[-2:], like=img_hr))
+        z_n = self._z(z_n, self.fixed_zn, b, self.zn_dim, *y_clean.shape[-2:], like=img_hr)    # (B, f_n, h, w)
+        noise = self.deg_noise(y_clean, z_n)
         # y = y_clean + n, no clamp [Eq. 2]
         return y_clean + noise, kernels, noise
 
@@ -400,6 +423,30 @@ class RRDBNet(nn.Module):
         return self.conv_last(self.lrelu(self.conv_hr(feat)))  # (B, 3, 4h, 4w)
 
 
+# Copied from kdsr.py:VGG19Features
+class VGG19Features(nn.Module):
+    """torchvision VGG19 `features[:35]` with its indices (its state dict loads as is); forward returns the maps of
+    `layers` BEFORE their ReLU [App. A.1] for RGB in [0, 1], ImageNet-normalised first [official code]."""
+
+    def __init__(self, layers=tuple(PERCEPTUAL_LAYERS)):
+        super().__init__()
+        modules, cin = [], 3
+        for v in VGG19_CONFIG:
+            modules += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+            cin = cin if v == "M" else v
+        self.features, self.layers = nn.Sequential(*modules[:35]), tuple(layers)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, img: torch.Tensor) -> dict[int, torch.Tensor]:
+        x, out = (img - self.mean) / self.std, {}
+        for index, layer in enumerate(self.features[:max(self.layers) + 1]):
+            x = layer(x)
+            if index in self.layers:
+                out[index] = x                                    # conv output; the ReLU is not in place
+        return out
+
+
 def build_pdm(cfg: Config) -> PDM:
     return PDM(cfg.scale, **{f: getattr(cfg, f) for f in PDM_FIELDS})
 
@@ -425,6 +472,16 @@ def lsgan_generator_loss(d_fake: torch.Tensor) -> torch.Tensor:
 def noise_regularizer(noise: torch.Tensor) -> torch.Tensor:
     """l_reg = ||n||_2^2 [Eq. 12], as released a mean over all noise elements, not the sum [official code]."""
     return noise.float().pow(2).mean()
+
+
+# Copied from kdsr.py:perceptual_loss
+def perceptual_loss(vgg: VGG19Features, img_sr: torch.Tensor, img_hr: torch.Tensor) -> torch.Tensor:
+    """L_per = sum_l w_l mean|phi_l(SR) - phi_l(HR)|, w = 0.1, 0.1, 1, 1, 1 on conv1_2 ... conv5_4 before activation
+    [App. A.1]; L1 criterion [official code, DEV] (Eq. 12: an L2 norm). The HR branch carries no gradient."""
+    feats_sr = vgg(img_sr.float())
+    with torch.no_grad():
+        feats_hr = vgg(img_hr.float())
+    return sum(w * F.l1_loss(feats_sr[i], feats_hr[i]) for i, w in PERCEPTUAL_LAYERS.items())
 
 
 # ---- 5. Training -------------------------------------------------------------------------------------------
@@ -465,31 +522,55 @@ def pdm_step(pdm, disc, optimizer, img_hr, cfg: Config, check, rnd=None) -> tupl
     return img_fake.detach(), {"l_adv": l_adv.item(), "l_reg": l_reg.item()}
 
 
-def disc_step(disc, optimizer, img_real, img_fake, cfg: Config, amp: bool, check) -> dict:
-    """Step 3: LSGAN D loss on real LR and the detached fake (one forward; IN is per sample) [official code]."""
+def disc_step(disc, optimizer, img_real, img_fake, cfg: Config, amp: bool, check, weight=1.0, name="l_d") -> dict:
+    """Step 3: LSGAN D loss on real LR and the detached fake (one forward; IN is per sample) [official code]. Also
+    PDM-SRGAN's D2 on HR, its loss x the GAN weight [official code] (released: fake, then real; the same sum)."""
     with common.autocast(img_real.device, amp):
         d_out = disc(torch.cat([img_real, img_fake.detach()]))
     d_real, d_fake = d_out.split([img_real.shape[0], img_fake.shape[0]])
-    loss = lsgan_discriminator_loss(d_real, d_fake)
+    loss = weight * lsgan_discriminator_loss(d_real, d_fake)
     check(loss)
     _update(loss, disc, optimizer, cfg.grad_clip)
-    return {"l_d": loss.item()}
+    return {name: loss.item()}
 
 
-def sr_step(sr_net, optimizer, img_fake, img_hr, cfg: Config, amp: bool, check) -> dict:
-    """Step 4: L1(SR(Q8(y_fake)), x) with Q8 = clamp + round to 1/255, input detached: no SR gradient ever
-    reaches the PDM (trained simultaneously [Sec. 3.4]; the detach is [official code])."""
-    img_lr = common.quantize(img_fake.detach())  # (B, 3, h, w)
+def sr_generator_losses(sr_net, disc_hr, vgg, img_lr, img_hr, cfg: Config, amp: bool) -> tuple[torch.Tensor, dict]:
+    """(SR(y), terms): l_sr = mean|SR - x| [Sec. 3.4]; PDM-SRGAN adds l_gan = mean((D2(SR) - 1)^2), D2 frozen, and
+    l_per = mean|phi(SR) - phi(x)|, phi = VGG19 conv5_4 before its ReLU [Sec. 3.4, official code]."""
     with common.autocast(img_hr.device, amp):
-        img_sr = sr_net(img_lr)
-    loss = F.l1_loss(img_sr.float(), img_hr)
+        img_sr = sr_net(img_lr)                                          # (B, 3, H, W)
+    terms = {"l_sr": F.l1_loss(img_sr.float(), img_hr)}
+    if cfg.gan:
+        d2 = common.unwrap(disc_hr).requires_grad_(False)               # no DDP sync: this loss does not update D2
+        with common.autocast(img_hr.device, amp):
+            terms["l_gan"] = lsgan_generator_loss(d2(img_sr))
+            # [DEV] gradient into netSR; the release's PerceptualLoss(x=HR, gt=SR) detaches gt: a no-op [official code]
+            terms["l_per"] = (perceptual_loss(vgg, img_hr, img_sr.detach()) if cfg.release_perceptual
+                              else perceptual_loss(vgg, img_sr, img_hr))
+        d2.requires_grad_(True)                                          # the graph is recorded: D2 stays out of it
+    return img_sr, terms
+
+
+def sr_step(nets: dict, opts: dict, img_fake, img_hr, cfg: Config, amp: bool, check, vgg=None) -> dict:
+    """Step 4: netSR on Q8(y_fake) with Q8 = clamp + round to 1/255, input detached: no SR gradient ever reaches the
+    PDM (trained simultaneously [Sec. 3.4]; the detach is [official code]). PDM-SRGAN in the released order: G loss,
+    clip, step, then D2 on (x, SR.detach()), clip, step [official code]."""
+    img_lr = common.quantize(img_fake.detach())  # (B, 3, h, w)
+    img_sr, terms = sr_generator_losses(nets["sr"], nets.get("disc_hr"), vgg, img_lr, img_hr, cfg, amp)
+    # w_1 l_sr (+ w_gan l_gan + w_per l_per: PDM-SRGAN), w = Config.loss_weights [official code]; PDM-SR: w_1 = 1
+    loss = sum(w * term for w, term in zip(cfg.loss_weights, terms.values()))
     check(loss)
-    _update(loss, sr_net, optimizer, cfg.grad_clip)
-    return {"l_sr": loss.item()}
+    _update(loss, nets["sr"], opts["sr"], cfg.grad_clip)
+    scalars = {name: term.item() for name, term in terms.items()}
+    if cfg.gan:
+        scalars.update(disc_step(nets["disc_hr"], opts["disc_hr"], img_hr, img_sr, cfg, amp, check,
+                                 cfg.loss_weights[1], "l_d2"))
+    return scalars
 
 
-def train_step(stage: str, nets: dict, opts: dict, img_hr, img_real, cfg: Config, amp: bool, check, rnd=None) -> dict:
-    """One step in the released order: PDM, then D, then SR on the pre-update synthetic LR [official code]."""
+def train_step(stage: str, nets: dict, opts: dict, img_hr, img_real, cfg: Config, amp: bool, check, rnd=None,
+               vgg=None) -> dict:
+    """One step in the released order: PDM, then D, then SR (+ D2) on the pre-update synthetic LR [official code]."""
     scalars = {}
     if stage == "sr":  # frozen PDM, BN still in train mode as released
         with torch.no_grad():
@@ -498,7 +579,7 @@ def train_step(stage: str, nets: dict, opts: dict, img_hr, img_real, cfg: Config
         img_fake, scalars = pdm_step(nets["pdm"], nets["disc"], opts["pdm"], img_hr, cfg, check, rnd)
         scalars.update(disc_step(nets["disc"], opts["disc"], img_real, img_fake, cfg, amp, check))
     if stage != "deg":
-        scalars.update(sr_step(nets["sr"], opts["sr"], img_fake, img_hr, cfg, amp, check))
+        scalars.update(sr_step(nets, opts, img_fake, img_hr, cfg, amp, check, vgg))
     return scalars
 
 
@@ -517,6 +598,8 @@ def build_training(cfg: Config, stage: str, deg_ckpt, sr_init, device) -> tuple[
         if sr_init:
             nets["sr"].load_state_dict(convert_official(read_official(sr_init), nets["sr"], cfg.sr_net))
         nets["sr"].to(device)
+    if cfg.gan:  # PDM-SRGAN: D2 = the PatchGAN (stride 1) on HR [Sec. 3.4, official code]
+        nets["disc_hr"] = Discriminator(cfg.disc_feats, stride=1).to(device)
     opts, scheds = {}, {}
     for name, net in nets.items():
         params = [p for p in net.parameters() if p.requires_grad]  # mean shift and a frozen PDM excluded
@@ -542,7 +625,7 @@ def _payload(cfg, stage, step, nets, opts, scheds, rng, deg_ckpt) -> dict:
     """Self-describing checkpoint: SR net under "model" (what eval needs), PDM, D, all optimisers/schedulers."""
     state = {name: common.unwrap(net).state_dict() for name, net in nets.items()}
     return {"script": SCRIPT, "stage": stage, "step": step, "config": dataclasses.asdict(cfg),
-            "model": state.get("sr"), "pdm": state["pdm"], "disc": state.get("disc"),
+            "model": state.get("sr"), "pdm": state["pdm"], "disc": state.get("disc"), "disc_hr": state.get("disc_hr"),
             "optimizer": {k: o.state_dict() for k, o in opts.items()},
             "scheduler": {k: s.state_dict() for k, s in scheds.items()},
             "rng": rng, "deg_ckpt": str(deg_ckpt) if deg_ckpt else None}
@@ -578,6 +661,7 @@ def train(cfg: Config, args, stage: str, resume: Path | None) -> Path:
     common.seed_everything(cfg.seed + dist.rank)  # rank 0 = a single process; training draws use StepRandom
     nets, opts, scheds = build_training(cfg, stage, args.deg_ckpt if stage == "sr" and not resume else None,
                                          None if resume else args.sr_init, device)    # resumed: all from last.pt
+    vgg = load_vgg19(args.vgg_weights).to(device) if cfg.gan else None   # frozen, not saved: --vgg-weights each run
     start = _restore(resume, stage, nets, opts, scheds, dist, device) if resume else 0
     common.writable_dir(args.out_dir)                               # before the data is read
     sync_batchnorm(nets["pdm"], dist, device)
@@ -585,9 +669,8 @@ def train(cfg: Config, args, stage: str, resume: Path | None) -> Path:
         nets = {k: n.to(memory_format=torch.channels_last) for k, n in nets.items()}
     wrapped = {k: common.wrap_ddp(n, dist) if k in opts else n for k, n in nets.items()}
     hr_batches, hr_loader = patch_stream(args.hr_dir, cfg.hr_patch, cfg, cfg.seed, start, args, dist, device, "HR")
-    lr_batches, lr_loader = (patch_stream(args.lr_dir, cfg.lr_patch, cfg, cfg.seed + 1, start, args, dist, device,
-                                                  "LR")
-                             if stage != "sr" else (itertools.repeat(None), None))
+    lr_batches, lr_loader = ((itertools.repeat(None), None) if stage == "sr" else patch_stream(
+        args.lr_dir, cfg.lr_patch, cfg, cfg.seed + 1, start, args, dist, device, "LR"))
     out_dir = Path(args.out_dir)
     log = common.RunLog(out_dir, cfg.steps, enabled=dist.is_main, start_step=start, batch=cfg.batch_size, dist=dist)
     last = out_dir / "last.pt"
@@ -602,7 +685,7 @@ def train(cfg: Config, args, stage: str, resume: Path | None) -> Path:
             for step in range(start + 1, cfg.steps + 1):
                 rnd = common.StepRandom(cfg.seed, step, cfg.batch_size, dist, device)  # same z with 1 or N processes
                 scalars = train_step(stage, wrapped, opts, next(hr_batches), next(lr_batches), cfg, args.amp, check,
-                                     rnd)
+                                     rnd, vgg)
                 for sched in scheds.values():
                     sched.step()
                 if step % args.log_every == 0 or step == cfg.steps:  # the global batch's losses (equal shares)
@@ -643,12 +726,15 @@ def load_for_inference(args, device) -> tuple[nn.Module, Config, str]:
         model.load_state_dict(ckpt["model"])
     if args.scale != cfg.scale:
         raise common.UserError(f"the model is x{cfg.scale} but --scale {args.scale} was given")
-    return model.to(device).eval(), cfg, f"PDM-SR ({cfg.sr_net})"
+    return model.to(device).eval(), cfg, f"PDM-SR{'GAN' * cfg.gan} ({cfg.sr_net})"
 
 
 def evaluate(args) -> list[dict]:
-    """Paired validation (--data HR --lr-data LR) or the benchmark protocols; method + bicubic rows."""
+    """Paired validation (--data HR --lr-data LR, + LPIPS) or the benchmark protocols; method + bicubic rows."""
     device = common.pick_device(args.device)
+    if (args.lr_data and len(args.data) != 1) or (args.lpips_weights and not args.lr_data):
+        raise common.UserError("--lr-data pairs with exactly one HR folder in --data; --lpips-weights needs both")
+    lpips = common.load_lpips(*args.lpips_weights, not args.lpips_unverified, device) if args.lpips_weights else None
     model, cfg, name = load_for_inference(args, device)
     model = model.to(memory_format=torch.channels_last) if args.channels_last and device.type == "cuda" else model
     name += f" tile{args.tile}" if args.tile else ""
@@ -662,14 +748,11 @@ def evaluate(args) -> list[dict]:
             return model(img_lr).float()
 
     sr_fn = common.tiled(whole_image_sr, args.scale, args.tile, args.tile_overlap)  # tile 0: the function itself
-
-    if args.lr_data and len(args.data) != 1:
-        raise common.UserError("--lr-data pairs with exactly one HR folder in --data")
     summary = []
     for data in args.data:
         if args.lr_data:
-            rows = common.run_paired(sr_fn, args.lr_data, data, args.scale, device, None, save_dir, args.limit, name)
-            ref = common.run_paired(common.bicubic_sr(args.scale), args.lr_data, data, args.scale, device, None, None,
+            rows = common.run_paired(sr_fn, args.lr_data, data, args.scale, device, lpips, save_dir, args.limit, name)
+            ref = common.run_paired(common.bicubic_sr(args.scale), args.lr_data, data, args.scale, device, lpips, None,
                                     args.limit, "bicubic")
         else:
             rows = common.run_benchmark(sr_fn, data, args.protocol, args.scale, args.data_root, device, save_dir,
@@ -776,6 +859,16 @@ def convert_official(state: dict, model: nn.Module, sr_net: str) -> dict:
     return {k: v.to(ours[k].dtype) for k, v in state.items()}
 
 
+# Copied from kdsr.py:load_vgg19
+def load_vgg19(path) -> VGG19Features:
+    """VGG19Features from a torchvision `vgg19` state dict (features.* strict on names and shapes, classifier.*
+    ignored). Never downloaded: the user passes the file."""
+    vgg, expected = VGG19Features(), "a torchvision VGG19 state dict (vgg19-dcbb9e9d.pth)"
+    state = {k: v for k, v in common.read_weights(path, expected).items() if not k.startswith("classifier.")}
+    vgg.load_state_dict(common.strict_state(state, vgg.state_dict(), path, expected))
+    return vgg.eval().requires_grad_(False)
+
+
 # ---- 8. CLI ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdm_sr.py", description=__doc__.split("\n")[0])
@@ -794,11 +887,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--sr-net", choices=SR_NETS)
     tr.add_argument("--noise", dest="use_noise", action=argparse.BooleanOptionalAction, default=None,
                     help="--no-noise removes netN (clean LR domain)")
-    tr.add_argument("--fixed-z", action=argparse.BooleanOptionalAction, default=None, help="z_k = z_n = 0 [Tab. 4]")
+    tr.add_argument("--fixed-zk", action=argparse.BooleanOptionalAction, default=None, help="z_k = 0 [Tab. 4]")
+    tr.add_argument("--fixed-zn", action=argparse.BooleanOptionalAction, default=None, help="z_n = 0 [Tab. 4]")
+    tr.add_argument("--fixed-z", action="store_true", help="both: z_k = z_n = 0 [Tab. 4]")
     tr.add_argument("--spatial-kernel", action=argparse.BooleanOptionalAction, default=None, help="[Eq. 5]")
     tr.add_argument("--lambda-reg", type=common.at_least(0, float), help="noise regulariser weight (paper 100)")
     tr.add_argument("--sr-init", help="initialise netSR from official-layout weights (EDSR-PyTorch / BasicSR)")
     tr.add_argument("--edsr-res-scale", type=float, help="EDSR residual scale (default 1, as released)")
+    tr.add_argument("--gan", action=argparse.BooleanOptionalAction, default=None, help="PDM-SRGAN; needs --vgg-weights")
+    tr.add_argument("--loss-weights", choices=tuple(LOSS_WEIGHTS), help="--gan: (L1, LSGAN, perceptual) weights of the "
+                    "released configs: others 1 / 0.05 / 0.05, 2020track1 0.01 / 0.005 / 0.05 (default: others)")
+    tr.add_argument("--release-perceptual", action=argparse.BooleanOptionalAction, default=None,
+                    help="--gan: the released perceptual term, computed and logged but detached (no gradient)")
+    tr.add_argument("--vgg-weights", help="--gan: torchvision VGG19 state dict (vgg19-dcbb9e9d.pth), never downloaded")
     common.add_run_args(tr)
     ev = sub.add_parser("eval", help="paired validation data or benchmark protocols, + bicubic row")
     ev.add_argument("--ckpt", help="joint or sr checkpoint written by `train`")
@@ -809,6 +910,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lr-data", help="LR folder matched by name to the single HR folder in --data")
     ev.add_argument("--tile", type=common.at_least(0), default=0, help="LR tiles of N px (default 0: whole image)")
     ev.add_argument("--tile-overlap", type=common.at_least(0), default=16, help="LR px of context (default 16)")
+    ev.add_argument("--lpips-weights", nargs=2, metavar=("TRUNK", "LIN"), help=f"{common.TRUNK_FILES} and the LPIPS "
+                    "v0.1 lin file alex.pth or vgg.pth, never downloaded; with --lr-data (default: none, no LPIPS)")
+    ev.add_argument("--lpips-unverified", action=argparse.BooleanOptionalAction, default=False,
+                    help="accept a lin file that is not the released v0.1 one (default: False)")
     common.add_run_args(ev)
     common.add_eval_args(ev)
     sa = sub.add_parser("sample", help="draw LR images and a kernel/noise sheet from a learned PDM")
@@ -834,9 +939,10 @@ def build_parser() -> argparse.ArgumentParser:
 def explicit_flags(args) -> dict:
     """{config field: value} of the training flags given on the command line (None: not given), --steps aside."""
     return {"batch_size": args.batch_size, "save_every": args.save_every, "sr_net": args.sr_net,
-            "use_noise": args.use_noise, "fixed_z": args.fixed_z, "spatial_kernel": args.spatial_kernel,
-            "lambda_reg": args.lambda_reg, "seed": args.seed, "edsr_res_scale": args.edsr_res_scale,
-            "preset": args.preset}
+            "fixed_zk": True if args.fixed_z else args.fixed_zk, "fixed_zn": True if args.fixed_z else args.fixed_zn,
+            "use_noise": args.use_noise, "spatial_kernel": args.spatial_kernel, "lambda_reg": args.lambda_reg,
+            "seed": args.seed, "edsr_res_scale": args.edsr_res_scale, "preset": args.preset, "gan": args.gan,
+            "release_perceptual": args.release_perceptual, "loss_weights": LOSS_WEIGHTS.get(args.loss_weights)}
 
 
 def config_from_args(args) -> Config:
@@ -857,10 +963,15 @@ def prepare_train(args) -> tuple[Config, Path | None]:
     elif args.stage == "sr":
         if not args.deg_ckpt:
             raise common.UserError("stage sr needs --deg-ckpt FILE (a deg or joint checkpoint)")
-        saved = common.load_checkpoint(args.deg_ckpt, SCRIPT, ("deg", "joint"))["config"]
-        cfg = dataclasses.replace(cfg, **{f: saved[f] for f in PDM_FIELDS}, scale=saved["scale"])
+        saved = Config(**common.load_checkpoint(args.deg_ckpt, SCRIPT, ("deg", "joint"))["config"])
+        cfg = dataclasses.replace(cfg, **{f: getattr(saved, f) for f in PDM_FIELDS}, scale=saved.scale)
     if args.stage != "sr" and not args.lr_dir:
         raise common.UserError(f"stage {args.stage} needs --lr-dir: the unpaired real LR images")
+    if cfg.gan and args.stage == "deg":
+        raise common.UserError("--gan trains netSR: use stage joint or sr (stage deg trains the PDM alone)")
+    if cfg.gan and not args.vgg_weights:
+        raise common.UserError("PDM-SRGAN (--gan) needs --vgg-weights FILE: a torchvision VGG19 state dict "
+                               "(vgg19-dcbb9e9d.pth) for the perceptual loss; it is never downloaded")
     check_config(cfg)
     return cfg, resume
 

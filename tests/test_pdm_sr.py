@@ -1,5 +1,7 @@
 """PDM-SR: parameter counts, degradation operator, kernel/noise properties, gradient isolation of the joint step,
 official-weights converter, kernel recovery on a hidden degradation, CLI end-to-end, exact resume."""
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -202,7 +204,7 @@ def test_losses_and_soft_round():
 
 def test_fixed_z_is_deterministic_and_random_z_is_not():
     x = torch.rand(4, 3, 32, 32)
-    fixed = pdm_sr.PDM(netk_feats=8, netk_blocks=1, netn_feats=8, netn_blocks=1, fixed_z=True)
+    fixed = pdm_sr.PDM(netk_feats=8, netk_blocks=1, netn_feats=8, netn_blocks=1, fixed_zk=True, fixed_zn=True)
     with torch.no_grad():
         fixed.deg_noise.deg_noise[-1].weight.normal_()
         assert torch.equal(fixed(x)[0], fixed(x)[0])
@@ -225,13 +227,13 @@ def test_gradient_isolation_of_the_joint_step():
     assert all(p.requires_grad for p in nets["disc"].parameters())  # D unfrozen again
     pdm_grads = [p.grad.clone() for p in nets["pdm"].parameters() if p.grad is not None]
     pdm_sr.disc_step(nets["disc"], opts["disc"], img_real, img_fake, cfg, False, ok)
-    pdm_sr.sr_step(nets["sr"], opts["sr"], img_fake, img_hr, cfg, False, ok)
+    pdm_sr.sr_step(nets, opts, img_fake, img_hr, cfg, False, ok)
     after = [p.grad for p in nets["pdm"].parameters() if p.grad is not None]
     assert all(torch.equal(a, b) for a, b in zip(pdm_grads, after))  # no SR / D gradient reached the PDM
     for name in ("pdm", "disc", "sr"):  # every network was updated once
         assert any(not torch.equal(a, b) for a, b in zip(before[name], nets[name].parameters())), name
     opts["pdm"].zero_grad(set_to_none=True)
-    pdm_sr.sr_step(nets["sr"], opts["sr"], nets["pdm"](img_hr)[0], img_hr, cfg, False, ok)  # graph attached
+    pdm_sr.sr_step(nets, opts, nets["pdm"](img_hr)[0], img_hr, cfg, False, ok)  # graph attached
     assert all(p.grad is None for p in nets["pdm"].parameters())
 
 
@@ -579,3 +581,232 @@ def test_anisotropic_kernel_recovery_reports_distances(capsys):
     with capsys.disabled():
         print(f"\nkernel width distance to hidden {target.tolist()}: init {before:.3f} -> trained {after:.3f}")
     assert after < 0.5 * before
+
+
+# ---- Tab. 4 ablation flags, PDM-SRGAN [Sec. 3.4; spec realworld 5], LPIPS ---------------------------------------
+SMOKE_CFG = pdm_sr.Config(**pdm_sr.PRESETS["smoke"])
+ALEX_SHAPES = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
+
+
+def test_fixed_zk_and_fixed_zn_each_zero_one_input():
+    """Tab. 4 "only z_n random" (--fixed-zk) and "only z_k random" (--fixed-zn): the fixed z reaches netK / netN as
+    zeros, the other is drawn afresh at every forward."""
+    x = torch.rand(4, 3, 32, 32)
+    for fixed in ("z_k", "z_n"):
+        torch.manual_seed(0)
+        pdm = pdm_sr.PDM(netk_feats=8, netk_blocks=1, netn_feats=8, netn_blocks=1, fixed_zk=fixed == "z_k",
+                         fixed_zn=fixed == "z_n")
+        seen = []
+        pdm.deg_kernel.register_forward_pre_hook(lambda module, inputs: seen.append(("z_k", inputs[0])))
+        pdm.deg_noise.register_forward_pre_hook(lambda module, inputs: seen.append(("z_n", inputs[1])))
+        with torch.no_grad():
+            pdm.deg_kernel.deg_kernel[-2].weight.normal_()      # kernels and noise depend on their z
+            pdm.deg_noise.deg_noise[-1].weight.normal_()
+            (_, kernels1, noise1), (_, kernels2, noise2) = pdm(x), pdm(x)
+        (_, zk1), (_, zn1), (_, zk2), (_, zn2) = seen
+        z1, z2, other1, other2 = (zk1, zk2, zn1, zn2) if fixed == "z_k" else (zn1, zn2, zk1, zk2)
+        assert torch.equal(z1, torch.zeros_like(z1)) and torch.equal(z2, torch.zeros_like(z2)), fixed
+        assert other1.std() > 0.5 and not torch.equal(other1, other2), fixed
+        assert torch.equal(kernels1, kernels2) == (fixed == "z_k")
+        assert not torch.equal(noise1, noise2)                   # z_n, or y_clean through a random kernel
+
+
+def test_fixed_z_flags_and_old_checkpoints(tiny_hr_dir, lr_dir, tmp_path):
+    """--fixed-zk / --fixed-zn set one each, --fixed-z both; a checkpoint from before the split (config key fixed_z)
+    still loads: Config(**old) fixes both, in eval, sample and as the frozen PDM of stage sr."""
+    base = ["train", "--hr-dir", "h", "--lr-dir", "l"]
+    for flags, expected in (([], (False, False)), (["--fixed-zk"], (True, False)), (["--fixed-zn"], (False, True)),
+                            (["--fixed-z"], (True, True))):
+        cfg = pdm_sr.config_from_args(pdm_sr.build_parser().parse_args([*base, *flags]))
+        assert (cfg.fixed_zk, cfg.fixed_zn) == expected and pdm_sr.build_pdm(cfg).fixed_zn == expected[1]
+    pdm_sr.main(["train", *SMOKE, "--stage", "deg", "--hr-dir", str(tiny_hr_dir), "--lr-dir", str(lr_dir),
+                 "--steps", "1", "--out-dir", str(tmp_path / "deg")])
+    ckpt = torch.load(tmp_path / "deg" / "last.pt", weights_only=True)
+    old = {k: v for k, v in ckpt["config"].items() if k not in ("fixed_zk", "fixed_zn", "gan", "loss_weights",
+                                                                "release_perceptual")}
+    torch.save({**ckpt, "config": {**old, "fixed_z": True}}, tmp_path / "old.pt")
+    cfg = pdm_sr.Config(**{**old, "fixed_z": True})
+    assert cfg.fixed_zk and cfg.fixed_zn and "fixed_z" not in dataclasses.asdict(cfg)
+    assert not pdm_sr.Config(**{**old, "fixed_z": False}).fixed_zk
+    args = pdm_sr.build_parser().parse_args(["train", "--stage", "sr", "--hr-dir", "h", "--deg-ckpt",
+                                             str(tmp_path / "old.pt")])
+    cfg, _ = pdm_sr.prepare_train(args)
+    assert cfg.fixed_zk and cfg.fixed_zn
+    pdm_sr.main(["sample", "--ckpt", str(tmp_path / "old.pt"), "--hr-dir", str(tiny_hr_dir), "--out",
+                 str(tmp_path / "s"), "--n-samples", "2", "--limit", "1", "--device", "cpu"])
+
+
+def gan_parts(cfg, seed=0):
+    torch.manual_seed(seed)
+    nets = {"sr": pdm_sr.build_sr(cfg), "disc_hr": pdm_sr.Discriminator(cfg.disc_feats, stride=1)}
+    opts = {k: torch.optim.Adam([p for p in n.parameters() if p.requires_grad], lr=1e-3) for k, n in nets.items()}
+    vgg = pdm_sr.VGG19Features().eval().requires_grad_(False)
+    return nets, opts, vgg, torch.rand(2, 3, 12, 12), torch.rand(2, 3, 48, 48)
+
+
+def test_perceptual_term_is_vgg19_conv5_4_and_trains_the_sr_net_unless_released():
+    """L1 mean of VGG19 conv5_4 (features.34, before its ReLU) on ImageNet-normalised RGB. Ours sends a gradient into
+    netSR; --release-perceptual (x = HR, gt = SR detached, as released) has the same value and no gradient."""
+    cfg = dataclasses.replace(SMOKE_CFG, gan=True)
+    nets, _, vgg, img_lr, img_hr = gan_parts(cfg)
+    img_sr, ours = pdm_sr.sr_generator_losses(nets["sr"], nets["disc_hr"], vgg, img_lr, img_hr, cfg, False)
+    _, released = pdm_sr.sr_generator_losses(nets["sr"], nets["disc_hr"], vgg, img_lr, img_hr,
+                                             dataclasses.replace(cfg, release_perceptual=True), False)
+    conv5_4 = vgg.features[:35]                                  # ends with features.34, a Conv2d: no ReLU
+    assert isinstance(conv5_4[-1], torch.nn.Conv2d) and vgg.layers == (34,)
+    with torch.no_grad():
+        expected = torch.nn.functional.l1_loss(conv5_4((img_sr - vgg.mean) / vgg.std),
+                                               conv5_4((img_hr - vgg.mean) / vgg.std))
+    torch.testing.assert_close(ours["l_per"].detach(), expected)
+    torch.testing.assert_close(released["l_per"], expected)
+    grads = torch.autograd.grad(ours["l_per"], [p for p in nets["sr"].parameters() if p.requires_grad],
+                                retain_graph=True)
+    assert sum(g.abs().sum() for g in grads) > 0 and not released["l_per"].requires_grad
+    ours["l_gan"].backward()                                     # D2 frozen for G's loss, then unfrozen
+    assert all(p.grad is None and p.requires_grad for p in nets["disc_hr"].parameters())
+    assert all(p.grad is not None for p in nets["sr"].parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_the_perceptual_term_alone_moves_the_sr_weights_unless_released(release):
+    cfg = dataclasses.replace(SMOKE_CFG, gan=True, loss_weights=(0.0, 0.0, 1.0), release_perceptual=release)
+    nets, opts, vgg, img_lr, img_hr = gan_parts(cfg)
+    before = [p.detach().clone() for p in nets["sr"].parameters()]
+    scalars = pdm_sr.sr_step(nets, opts, img_lr, img_hr, cfg, False, lambda loss: None, vgg)
+    moved = any(not torch.equal(a, b) for a, b in zip(before, nets["sr"].parameters()))
+    assert moved != release and scalars["l_per"] > 0
+
+
+def test_srgan_step_follows_the_released_order():
+    """G loss (l_sr, l_gan with the pre-update D2, l_per) -> G step -> D2 loss x w_gan on HR and the SR of that same
+    forward -> D2 step; 2020Track1 weights."""
+    cfg = dataclasses.replace(SMOKE_CFG, gan=True, loss_weights=pdm_sr.LOSS_WEIGHTS["2020track1"])
+    nets, opts, vgg, img_lr, img_hr = gan_parts(cfg)
+    sr0, d0 = (copy.deepcopy(nets[k]) for k in ("sr", "disc_hr"))
+    scalars = pdm_sr.sr_step(nets, opts, img_lr, img_hr, cfg, False, lambda loss: None, vgg)
+    with torch.no_grad():
+        img_sr0 = sr0(common.quantize(img_lr))                  # netSR sees Q8(y)
+        assert scalars["l_sr"] == pytest.approx(torch.nn.functional.l1_loss(img_sr0, img_hr).item(), rel=1e-5)
+        assert scalars["l_gan"] == pytest.approx(pdm_sr.lsgan_generator_loss(d0(img_sr0)).item(), rel=1e-5)
+        d_loss = pdm_sr.lsgan_discriminator_loss(d0(img_hr), d0(img_sr0)).item()
+    assert scalars["l_d2"] == pytest.approx(0.005 * d_loss, rel=1e-5)
+    assert set(scalars) == {"l_sr", "l_gan", "l_per", "l_d2"}
+    for new, old in ((nets["sr"], sr0), (nets["disc_hr"], d0)):
+        assert any(not torch.equal(a, b) for a, b in zip(new.parameters(), old.parameters()))
+
+
+def test_d2_is_the_released_patchgan_on_hr_with_its_own_adam_and_schedule():
+    """Spec realworld 5: netD2 = PatchGAN(in 3, nf 64, nb 3, stride 1), 64 output channels at full HR resolution;
+    Adam lr 2e-4, betas (0.9, 0.999), halved at 50k/100k/150k, as netSR."""
+    nets, opts, scheds = pdm_sr.build_training(pdm_sr.Config(gan=True), "sr", None, None, "cpu")
+    assert set(nets) == {"pdm", "sr", "disc_hr"} and set(opts) == {"sr", "disc_hr"}
+    assert count(nets["disc_hr"]) == 1_845_952 and nets["disc_hr"](torch.rand(1, 3, 32, 32)).shape == (1, 64, 32, 32)
+    group = opts["disc_hr"].param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (2e-4, (0.9, 0.999), 0)
+    assert scheds["disc_hr"].milestones == {50_000: 1, 100_000: 1, 150_000: 1} and scheds["disc_hr"].gamma == 0.5
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory):
+    """Random VGG19, AlexNet and LPIPS lin files in the torchvision / LPIPS layouts (the CLI never downloads)."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(1)
+    torch.save({**pdm_sr.VGG19Features().state_dict(), "classifier.6.bias": torch.zeros(10)}, root / "vgg19.pth")
+    torch.save({f"features.{i}.{name}": torch.randn(shape if name == "weight" else shape[:1]) * 0.05
+                for i, shape in ALEX_SHAPES.items() for name in ("weight", "bias")}, root / "alexnet.pth")
+    torch.save({f"lin{n}.model.1.weight": torch.rand(1, shape[0], 1, 1)
+                for n, shape in enumerate(ALEX_SHAPES.values())}, root / "alex_lin.pth")
+    return root
+
+
+@pytest.fixture(scope="module")
+def gan_chain(tiny_hr_dir, lr_dir, weight_files, tmp_path_factory):
+    """PDM-SRGAN, 2 smoke steps each: joint; stage sr from it with the 2020Track1 weights; stage sr, RRDB (Tab. 3),
+    the released (detached) perceptual term."""
+    root, vgg = tmp_path_factory.mktemp("pdm_srgan"), ["--vgg-weights", str(weight_files / "vgg19.pth")]
+    train = ["train", *SMOKE, "--gan", *vgg, "--hr-dir", str(tiny_hr_dir), "--steps", "2"]
+    joint = pdm_sr.main([*train, "--lr-dir", str(lr_dir), "--out-dir", str(root / "joint")])
+    sr = ["--stage", "sr", "--deg-ckpt", str(joint)]
+    pdm_sr.main([*train, *sr, "--loss-weights", "2020track1", "--out-dir", str(root / "sr")])
+    pdm_sr.main([*train, *sr, "--sr-net", "rrdb", "--release-perceptual", "--out-dir", str(root / "rrdb")])
+    return root
+
+
+def test_pdm_srgan_trains_jointly_and_from_a_frozen_pdm(gan_chain):
+    for run, weights, nets in (("joint", (1.0, 0.05, 0.05), {"pdm", "disc", "sr", "disc_hr"}),
+                               ("sr", (0.01, 0.005, 0.05), {"sr", "disc_hr"}),
+                               ("rrdb", (1.0, 0.05, 0.05), {"sr", "disc_hr"})):
+        records = log_records(gan_chain / run)
+        assert len(records) == 2 and all(math.isfinite(r[k]) for r in records for k in r if k.startswith("l_")), run
+        assert set(records[-1]) >= {"l_sr", "l_gan", "l_per", "l_d2"} | ({"l_adv", "l_d"} if run == "joint" else set())
+        ckpt = common.load_checkpoint(gan_chain / run / "last.pt", "pdm_sr")
+        assert ckpt["config"]["gan"] and tuple(ckpt["config"]["loss_weights"]) == weights
+        assert set(ckpt["optimizer"]) == nets
+        assert ckpt["disc_hr"]["model.11.weight"].shape == (64, 128, 3, 3)          # smoke width 16, 64 outputs
+    rrdb = common.load_checkpoint(gan_chain / "rrdb" / "last.pt", "pdm_sr")
+    assert rrdb["config"]["release_perceptual"] and "conv_first.weight" in rrdb["model"]
+
+
+def test_pdm_srgan_flags_are_checked_before_any_work(tiny_hr_dir, lr_dir, weight_files, tmp_path):
+    base = ["train", *SMOKE, "--hr-dir", str(tiny_hr_dir), "--lr-dir", str(lr_dir), "--out-dir", str(tmp_path / "x")]
+    for flags, message in (
+            (["--gan"], r"PDM-SRGAN \(--gan\) needs --vgg-weights FILE: a torchvision VGG19 state dict"),
+            (["--loss-weights", "2020track1"], "--loss-weights and --release-perceptual are PDM-SRGAN settings"),
+            (["--release-perceptual"], "--loss-weights and --release-perceptual are PDM-SRGAN settings: add --gan"),
+            (["--gan", "--stage", "deg", "--vgg-weights", "v.pth"], "--gan trains netSR: use stage joint or sr"),
+            (["--gan", "--vgg-weights", str(tmp_path / "nope.pth")], "weights file not found: .*nope.pth"),
+            (["--gan", "--vgg-weights", str(weight_files / "alexnet.pth")], ".*alexnet.pth is not a torchvision VGG19")):
+        with pytest.raises(SystemExit, match=f"^error: {message}"):
+            pdm_sr.main([*base, *flags])
+    assert not (tmp_path / "x").exists()
+
+
+def test_pdm_srgan_resume_continues_identically(tiny_hr_dir, gan_chain, weight_files, tmp_path):
+    base = ["train", *SMOKE, "--stage", "sr", "--deg-ckpt", str(gan_chain / "joint" / "last.pt"), "--gan",
+            "--hr-dir", str(tiny_hr_dir), "--vgg-weights", str(weight_files / "vgg19.pth")]
+    pdm_sr.main([*base, "--steps", "3", "--out-dir", str(tmp_path / "a")])
+    pdm_sr.main([*base, "--steps", "2", "--out-dir", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="needs --vgg-weights FILE"):                      # VGG19 is never saved
+        pdm_sr.main([*base[:-2], "--steps", "3", "--out-dir", str(tmp_path / "b"), "--resume"])
+    with pytest.raises(SystemExit, match=r"drop --loss-weights \(0.01, 0.005, 0.05\)"):
+        pdm_sr.main([*base, "--steps", "3", "--out-dir", str(tmp_path / "b"), "--resume", "--loss-weights",
+                     "2020track1"])
+    pdm_sr.main([*base, "--steps", "3", "--out-dir", str(tmp_path / "b"), "--resume"])
+    a, b = (common.load_checkpoint(tmp_path / d / "last.pt", "pdm_sr") for d in "ab")
+    for part in ("model", "disc_hr"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    ra, rb = log_records(tmp_path / "a")[-1], log_records(tmp_path / "b")[-1]
+    assert ra["step"] == rb["step"] == 3 and all(ra[k] == rb[k] for k in ("l_sr", "l_gan", "l_per", "l_d2"))
+
+
+def test_torchrun_pdm_srgan_puts_d2_under_ddp(tiny_hr_dir, lr_dir, weight_files, tmp_path):
+    """Joint PDM-SRGAN without netN: 2 processes x 2 = 1 x 4 (netSR, D2 to within a fraction of one Adam step; the
+    PatchGANs' conv biases before InstanceNorm left out, see test_two_processes_compute_the_run_of_one)."""
+    data = ["--hr-dir", str(tiny_hr_dir), "--lr-dir", str(lr_dir), "--no-noise", "--gan", "--vgg-weights",
+            str(weight_files / "vgg19.pth"), "--batch-size", "4", "--steps", "2"]
+    records, _ = torchrun(tmp_path, *data, "--out-dir", str(tmp_path / "two"))
+    assert all(r["ranks_agree"] and r["models"] == 4 for r in records) and len(records) == 2  # PDM, D, SR, D2
+    one = common.load_checkpoint(pdm_sr.main(["train", *SMOKE, *data, "--out-dir", str(tmp_path / "one")]), "pdm_sr")
+    two = common.load_checkpoint(tmp_path / "two" / "last.pt", "pdm_sr")
+    for part in ("model", "disc_hr"):
+        for key, value in one[part].items():
+            if key not in ("model.2.bias", "model.5.bias", "model.8.bias"):
+                torch.testing.assert_close(two[part][key], value, rtol=1e-5, atol=5e-5, msg=f"{part} {key}")
+
+
+def test_paired_eval_with_lpips(gan_chain, weight_files, tiny_bench_root, tmp_path):
+    """LPIPS (AlexNet, RGB, whole image) from common.run_paired beside RGB/Y PSNR/SSIM, for the model and bicubic."""
+    val_lr, hr = tmp_path / "val_lr", tiny_bench_root / "Tiny" / "HR"
+    pdm_sr.main(["make-lr", "--hr-dir", str(hr), "--out", str(val_lr)])
+    lpips = ["--lpips-weights", str(weight_files / "alexnet.pth"), str(weight_files / "alex_lin.pth")]
+    paired = ["eval", "--ckpt", str(gan_chain / "joint" / "last.pt"), "--data", str(hr), "--lr-data", str(val_lr),
+              "--device", "cpu"]
+    with pytest.raises(SystemExit, match="^error: .*--lpips-unverified"):              # random lin weights refused
+        pdm_sr.main([*paired, *lpips, "--out-dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="^error: --lr-data pairs with exactly one HR folder in --data; --lpips"):
+        pdm_sr.main(["eval", "--ckpt", str(gan_chain / "joint" / "last.pt"), "--data", "Tiny", *lpips])
+    rows = pdm_sr.main([*paired, *lpips, "--lpips-unverified", "--out-dir", str(tmp_path / "e")])
+    assert rows[-1]["n"] == 2 and all(math.isfinite(rows[-1][m]) for m in ("psnr", "ssim", "psnr_rgb", "lpips"))
+    results = (tmp_path / "e" / "results.md").read_text()
+    assert "PDM-SRGAN (edsr) x4 paired" in results and "bicubic x4 paired" in results
+    assert results.count("| PSNR (Y) | SSIM (Y) | PSNR RGB | SSIM RGB | LPIPS | n |") == 2
