@@ -17,7 +17,7 @@ Paper map (paper element -> symbol here)
     Sec. 4.1 PatchGAN, EDSR-baseline / RRDB backbones   -> Discriminator (on LR; D2 on HR), EDSR, RRDBNet
     Tab. 4 fixed z_k and/or z_n ablation                -> Config.fixed_zk, fixed_zn (--fixed-zk, --fixed-zn)
     Figs. 6-7 learned kernels and noise                 -> sample (PNG sheet)
-    Sec. 5 of the spec: offline stand-in "real" LR      -> make_stand_in_lr (`make-lr`)
+    [ours] offline stand-in "real" LR domain           -> make_stand_in_lr (`make-lr`)
 
 Deviations (each [DEV] is listed in the README):
     - [DEV] learning rate halved at steps 50k/100k/150k as in the released configs; the paper text says "every

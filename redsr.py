@@ -112,7 +112,7 @@ DEGRADATIONS = ("iso", "aniso_noise")
 
 
 def check_config(cfg: Config) -> None:
-    """Refuse settings that cannot run [Sec. 3.5 of the spec]."""
+    """Refuse settings that cannot run (one error line each)."""
     if cfg.scale != 4:
         raise common.UserError(f"ReDSR is x4 only (the degrader's stride-4 tail); got scale {cfg.scale}")
     if cfg.degradation not in DEGRADATIONS:
