@@ -168,9 +168,10 @@ def test_student_g_is_initialised_from_teacher_exactly():
 
 
 # ---- official weights --------------------------------------------------------------------------------------
-def manifest_state(shared, name: str) -> dict:
+def manifest_state(shared, name: str, file: str | None = None) -> dict:
+    """Random tensors under every key of a released KDSR file's listing, the mean shift with its fixed values."""
     state = {}
-    for line in (shared / "manifests" / f"KDSR_{name}_classic_keys.tsv").read_text().splitlines():
+    for line in (shared / "manifests" / (file or f"KDSR_{name}_classic_keys.tsv")).read_text().splitlines():
         key, shape = line.split("\t")
         state[key] = torch.randn([int(s) for s in shape.split("x")]) * 0.02
     for prefix, sign in (("G.sub_mean", -1.0), ("G.add_mean", 1.0)):

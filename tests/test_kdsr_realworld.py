@@ -15,6 +15,7 @@ from PIL import Image
 
 import kdsr
 from conftest import REPO, synthetic_image
+from test_kdsr import manifest_state as kdsr_manifest_state
 
 SMOKE = ["--preset", "smoke", "--device", "cpu", "--workers", "0", "--log-every", "1"]
 ALEX_SHAPES = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
@@ -45,14 +46,7 @@ def test_realworld_parameter_counts_match_the_release():
 
 def manifest_state() -> dict:
     """Random tensors under every key of the released KDSR-GAN student (our copy of its listing)."""
-    state = {}
-    for line in (REPO / "tests" / "manifests" / "KDSRGAN_S_realworld_keys.tsv").read_text().splitlines():
-        key, shape = line.split("\t")
-        state[key] = torch.randn([int(s) for s in shape.split("x")]) * 0.02
-    for prefix, sign in (("G.sub_mean", -1.0), ("G.add_mean", 1.0)):
-        state[f"{prefix}.weight"] = torch.eye(3)[:, :, None, None]
-        state[f"{prefix}.bias"] = sign * torch.tensor(kdsr.DIV2K_MEAN)
-    return state
+    return kdsr_manifest_state(REPO / "tests", "GAN", "KDSRGAN_S_realworld_keys.tsv")
 
 
 @pytest.mark.parametrize("param_key", ["params_ema", "params"])
