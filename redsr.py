@@ -507,9 +507,10 @@ def load_for_inference(args, device) -> tuple[ReDSR, Config]:
         raise common.UserError("give either --ckpt or --official-weights, not both")
     if args.official_weights:
         model, cfg = load_official(args.official_weights)
+        args.source = f"{args.official_weights} (released)"
     elif args.ckpt:
         ckpt = common.load_checkpoint(args.ckpt, SCRIPT, STAGES, device="cpu")
-        cfg = Config(**ckpt["config"])
+        cfg, args.source = Config(**ckpt["config"]), f"{args.ckpt} (step {ckpt['step']})"
         model = build_model(cfg)
         model.load_state_dict(ckpt["model"])
     else:
@@ -526,8 +527,6 @@ def evaluate(args) -> list[dict]:
     device = common.pick_device(args.device)
     model, cfg = load_for_inference(args, device)
     name = "ReDSR" + (f" tile{args.tile}" if args.tile else "")
-    source = f"{args.ckpt} (step {common.load_checkpoint(args.ckpt, SCRIPT)['step']})" if args.ckpt else \
-        f"{args.official_weights} (released)"
     out_dir = common.writable_dir(args.out_dir)                      # all checked before the first image
     for data in args.data:
         common.find_benchmark(data, args.data_root)
@@ -546,7 +545,7 @@ def evaluate(args) -> list[dict]:
                                     save_dir=save_dir, limit=args.limit, name=name)
         method = common.summarize(rows)
         set_name = method[0]["set"]
-        common.report(method, f"{name} x{args.scale} {args.protocol} {set_name}", out_dir, source, args.limit)
+        common.report(method, f"{name} x{args.scale} {args.protocol} {set_name}", out_dir, args.source, args.limit)
         ref = common.summarize(common.run_benchmark(common.bicubic_sr(args.scale), data, args.protocol,
                                                     args.scale, root=args.data_root, device=device,
                                                     limit=args.limit, name="bicubic"))
