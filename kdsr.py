@@ -8,7 +8,7 @@ Paper map (paper element -> symbol here)
     Eq. 1   classic degradation, Sec. 4.1 ranges         -> sample_degradations, degrade_batch
     Sec. 3.2, Fig. 2(c) KD-IDE_T / KD-IDE_S               -> Estimator (teacher: 51 input channels)
             D' (4C, distilled) and D (C, fed to the SR net) -> Estimator.forward -> (d, d_prime)
-    Eqs. 4-5, Fig. 2(a) IDR-DDC                           -> IDRDDC (one grouped conv per call)
+    Eqs. 4-5, Fig. 2(a) IDR-DDC                           -> IDRDDC, dynamic_depthwise (two exact forms)
     Sec. 3.3, Fig. 2(b) IDR-DCRB                          -> IDRDCRB
     Fig. 2(d)(e) SR network, KDSR_T / KDSR_S              -> SRNetwork, KDSR
     Eq. 2   L_rec;  Eq. 6 L_kl;  Eq. 7/15 L_classic       -> reconstruction_loss, kd_loss, student_step
@@ -224,10 +224,11 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(conv3x3(channels, channels), nn.LeakyReLU(0.1), conv3x3(channels, channels))
+        self.body = nn.Sequential(conv3x3(channels, channels), nn.LeakyReLU(0.1, inplace=True),
+                                  conv3x3(channels, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+        return self.body(x).add_(x)                           # in place on the conv's fresh output: exact
 
 
 class Estimator(nn.Module):
@@ -241,16 +242,31 @@ class Estimator(nn.Module):
         c = channels
         self.head = conv3x3(in_channels, c)
         self.blocks = nn.Sequential(*(ResBlock(c) for _ in range(n_resblocks)))
-        self.widen = nn.Sequential(conv3x3(c, 2 * c), nn.LeakyReLU(0.1), conv3x3(2 * c, 2 * c), nn.LeakyReLU(0.1),
-                                   conv3x3(2 * c, 4 * c), nn.LeakyReLU(0.1))
-        self.mlp = nn.Sequential(nn.Linear(4 * c, 4 * c), nn.LeakyReLU(0.1), nn.Linear(4 * c, 4 * c), nn.LeakyReLU(0.1))
-        self.compress = nn.Sequential(nn.Linear(4 * c, c), nn.LeakyReLU(0.1))
+        act = lambda: nn.LeakyReLU(0.1, inplace=True)  # noqa: E731  (in place on a fresh output: exact)
+        self.widen = nn.Sequential(conv3x3(c, 2 * c), act(), conv3x3(2 * c, 2 * c), act(), conv3x3(2 * c, 4 * c), act())
+        self.mlp = nn.Sequential(nn.Linear(4 * c, 4 * c), act(), nn.Linear(4 * c, 4 * c), act())
+        self.compress = nn.Sequential(nn.Linear(4 * c, c), act())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.blocks(F.leaky_relu(self.head(x), 0.1))      # (B, C, h, w)
+        x = self.blocks(F.leaky_relu(self.head(x), 0.1, inplace=True))  # (B, C, h, w)
         x = self.widen(x).mean(dim=(2, 3))                    # global average pool: (B, 4C)
         d_prime = self.mlp(x)                                 # D' (B, 4C): the distilled IDR
         return self.compress(d_prime), d_prime                # D (B, C): guides the SR network
+
+
+def dynamic_depthwise(x: torch.Tensor, weight: torch.Tensor, reflect: bool = False, taps: bool | None = None):
+    """F_out[b, i] = F_in[b, i] (x) W[b, i] for every sample b and channel i [Eq. 5]: x (B, C, h, w), W (B, C, k, k),
+    zero (or reflect) padding k // 2. Two exact forms [ours]: the definition, one grouped conv over B*C groups (the
+    faster in eager on CPU, as measured); or tap by tap, sum_pq W[b, i, p, q] * x_pad[b, i, p:p+h, q:q+w], elementwise
+    only, so that torch.compile fuses the k^2 taps into one pass. taps=None: the taps when compiling on CUDA."""
+    b, c, h, w = x.shape
+    k, pad = weight.shape[-1], (weight.shape[-1] // 2,) * 4
+    if (x.is_cuda and torch.compiler.is_compiling()) if taps is None else taps:
+        x = F.pad(x, pad, mode="reflect" if reflect else "constant")
+        return sum(x[..., p:p + h, q:q + w] * weight[..., p, q, None, None] for p in range(k) for q in range(k))
+    x, padding = (F.pad(x, pad, mode="reflect"), 0) if reflect else (x, k // 2)
+    out = F.conv2d(x.reshape(1, b * c, *x.shape[-2:]), weight.reshape(b * c, 1, k, k), padding=padding, groups=b * c)
+    return out.reshape(b, c, h, w)
 
 
 class IDRDDC(nn.Module):
@@ -260,17 +276,15 @@ class IDRDDC(nn.Module):
         super().__init__()
         self.kernel_size = kernel_size
         # phi: Linear(C -> C) -> LReLU -> Linear(C -> C k^2), no biases [Eq. 4, official code]
-        self.kernel = nn.Sequential(nn.Linear(channels, channels, bias=False), nn.LeakyReLU(0.1),
+        self.kernel = nn.Sequential(nn.Linear(channels, channels, bias=False), nn.LeakyReLU(0.1, inplace=True),
                                     nn.Linear(channels, channels * kernel_size ** 2, bias=False))
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        b, c, _, _ = x.shape
         k = self.kernel_size
         # W = Reshape(phi(D)): channel i of sample b uses taps [k^2 i, k^2 (i + 1)), row-major [Eq. 4]
-        weight = self.kernel(d).reshape(b * c, 1, k, k)        # (B*C, 1, k, k)
-        # F_out[i] = F_in[i] (x) W[i] for every sample: one grouped conv, B*C groups [Eq. 5]
-        out = F.conv2d(x.reshape(1, b * c, h, w), weight, padding=k // 2, groups=b * c)
-        return out.reshape(b, c, h, w)
+        weight = self.kernel(d).reshape(b, c, k, k)            # (B, C, k, k)
+        return dynamic_depthwise(x, weight)                    # [Eq. 5]
 
 
 class IDRDCRB(nn.Module):
@@ -282,7 +296,7 @@ class IDRDCRB(nn.Module):
         self.conv1 = conv3x3(channels, channels)
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        return x + self.conv1(F.leaky_relu(self.da_conv1(x, d), 0.1))
+        return self.conv1(F.leaky_relu(self.da_conv1(x, d), 0.1, inplace=True)).add_(x)  # x + ...
 
 
 class SRNetwork(nn.Module):
@@ -310,7 +324,7 @@ class SRNetwork(nn.Module):
         y = x
         for block in self.blocks:
             y = block(y, d)
-        y = self.body_conv(y) + x                              # global residual
+        y = self.body_conv(y).add_(x)                          # global residual
         return self.add_mean(self.tail(self.upsample(y)))      # (B, 3, 4h, 4w), no bicubic skip
 
 
@@ -546,7 +560,7 @@ def fit(cfg: Config, args, stage: str, model: KDSR, step_fn, resume: Path | None
     state = _training_state(cfg, model, disc)
     start = _restore(resume, state, stage, dist, device) if resume else 0
     common.writable_dir(args.out_dir)                               # before the data is read
-    net = common.wrap_ddp(model, dist, find_unused=find_unused)
+    net = common.compiled(common.wrap_ddp(model, dist, find_unused=find_unused), args.compile)
     disc_net = common.wrap_ddp(disc, dist) if disc is not None else None
     real = cfg.degradation == "realesrgan"  # GT crops of 400 (padded if smaller), h-flip only [official code]
     dataset = common.HRPatches(args.data_dir, cfg.hr_crop if real else cfg.lr_patch * cfg.scale,
@@ -720,11 +734,13 @@ def evaluate(args) -> list[dict]:
         common.find_benchmark(data, args.data_root)
     save_dir = out_dir / "images" if args.save_images else None
 
+    estimator, generator = (common.compiled(net, args.compile) for net in (model.E, model.G))
+
     @torch.no_grad()
     def sr_fn(img_lr: torch.Tensor) -> torch.Tensor:
         with common.autocast(device, args.amp):
-            d, _ = model.estimate(img_lr)                # KD-IDE_S pools globally: D from the whole LR image, then
-            g = common.tiled(lambda tile: model.G(tile, d), args.scale, args.tile, args.tile_overlap)  # G by tiles
+            d, _ = estimator(img_lr)                     # KD-IDE_S pools globally: D from the whole LR image, then
+            g = common.tiled(lambda tile: generator(tile, d), args.scale, args.tile, args.tile_overlap)  # G by tiles
             return g(img_lr).float()
 
     if args.lr_dir and not args.hr_dir:                  # real photos without ground truth: SR PNGs only

@@ -526,3 +526,37 @@ def test_tables_and_progress_lines_look_alike(student_ckpt, tiny_bench_root, tmp
     assert "  KDSR_S-smoke: Tiny 1/2" in out and "  bicubic: Tiny 2/2" in out
     assert out.index("KDSR_S-smoke x4 bicubic Tiny") < out.index("bicubic x4 bicubic Tiny")
     assert out.rstrip().endswith(f"results: {tmp_path / 'results.md'}")
+
+
+# ---- fast paths: the same math -----------------------------------------------------------------------------
+@pytest.mark.parametrize("batch, height, width, reflect", [(1, 7, 9, False), (3, 12, 5, False), (2, 6, 7, True)])
+def test_dynamic_depthwise_taps_equal_the_grouped_conv_in_value_and_gradient(batch, height, width, reflect):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 4, height, width, requires_grad=True)
+    weight = torch.randn(batch, 4, 3, 3, requires_grad=True)
+    outs = [kdsr.dynamic_depthwise(x, weight, reflect, taps) for taps in (False, True)]
+    torch.testing.assert_close(outs[1], outs[0])
+    grad_out = torch.randn_like(outs[0])
+    reference, taps = (torch.autograd.grad(out, (x, weight), grad_out) for out in outs)
+    for got, expected in zip(taps, reference):
+        torch.testing.assert_close(got, expected)
+    assert torch.equal(kdsr.dynamic_depthwise(x, weight, reflect), outs[0])   # eager on CPU: the grouped conv
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect" if reflect else "constant")  # the definition, sample by sample
+    for b in range(batch):
+        torch.testing.assert_close(outs[0][b:b + 1], F.conv2d(padded[b:b + 1], weight[b][:, None], groups=4))
+
+
+def test_compiled_training_and_eval_equal_eager(tiny_hr_dir, student_ckpt, tiny_bench_root, tmp_path):
+    run = ["train", "--stage", "teacher", "--data-dir", str(tiny_hr_dir), "--steps", "2", *SMOKE]
+    eager, compiled = (kdsr.main([*run, "--out-dir", str(tmp_path / name), *flag])
+                       for name, flag in (("eager", []), ("compiled", ["--compile"])))
+    assert [r["loss"] for r in log_records(tmp_path / "compiled")] == pytest.approx(
+        [r["loss"] for r in log_records(tmp_path / "eager")], rel=1e-5)
+    states = [torch.load(path, weights_only=True)["model"] for path in (eager, compiled)]
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-6)
+    run = ["eval", "--ckpt", str(student_ckpt), "--data", "Tiny", "--data-root", str(tiny_bench_root), "--device",
+           "cpu", "--limit", "1", "--protocol", "bicubic"]
+    eager, compiled = (kdsr.main([*run, "--out-dir", str(tmp_path / f"e{n}"), *flag])
+                       for n, flag in enumerate(([], ["--compile"])))
+    assert [r["psnr"] for r in compiled] == pytest.approx([r["psnr"] for r in eager], abs=1e-3)
