@@ -305,7 +305,7 @@ class ResidualBlockNoBN(nn.Module):
         self.conv2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
 
     def forward(self, x):
-        return x + self.conv2(F.relu(self.conv1(x)))
+        return self.conv2(F.relu(self.conv1(x), inplace=True)).add_(x)   # in place on fresh conv outputs: exact
 
 
 class MSRResNet(nn.Module):
@@ -325,12 +325,12 @@ class MSRResNet(nn.Module):
         default_init_weights(self, 0.1)                                           # all convs, as BasicSR
 
     def forward(self, img_lr: torch.Tensor) -> torch.Tensor:
-        act = lambda t: F.leaky_relu(t, 0.1)                                      # noqa: E731
+        act = lambda t: F.leaky_relu(t, 0.1, inplace=True)    # noqa: E731  (on fresh conv / shuffle outputs: exact)
         feat = self.body(act(self.conv_first(img_lr)))                            # (B, C, h, w)
         feat = act(F.pixel_shuffle(self.upconv1(feat), 2))                        # (B, C, 2h, 2w)
         feat = act(F.pixel_shuffle(self.upconv2(feat), 2))                        # (B, C, 4h, 4w)
         out = self.conv_last(act(self.conv_hr(feat)))                             # (B, 3, 4h, 4w)
-        return out + F.interpolate(img_lr, scale_factor=4, mode="bilinear", align_corners=False)
+        return out.add_(F.interpolate(img_lr, scale_factor=4, mode="bilinear", align_corners=False))
 
 
 class ResidualDenseBlock(nn.Module):
@@ -345,8 +345,8 @@ class ResidualDenseBlock(nn.Module):
     def forward(self, x):
         feats = [x]
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            feats.append(F.leaky_relu(conv(torch.cat(feats, 1)), 0.2))
-        return x + 0.2 * self.conv5(torch.cat(feats, 1))
+            feats.append(F.leaky_relu(conv(torch.cat(feats, 1)), 0.2, inplace=True))
+        return self.conv5(torch.cat(feats, 1)).mul_(0.2).add_(x)       # x + 0.2 conv5, in place: exact
 
 
 class RRDB(nn.Module):
@@ -355,7 +355,7 @@ class RRDB(nn.Module):
         self.rdb1, self.rdb2, self.rdb3 = (ResidualDenseBlock(num_feat, growth) for _ in range(3))
 
     def forward(self, x):
-        return x + 0.2 * self.rdb3(self.rdb2(self.rdb1(x)))
+        return self.rdb3(self.rdb2(self.rdb1(x))).mul_(0.2).add_(x)    # x + 0.2 rdb3(...), in place: exact
 
 
 class RRDBNet(nn.Module):
@@ -373,9 +373,9 @@ class RRDBNet(nn.Module):
         self.conv_last = nn.Conv2d(num_feat, 3, 3, 1, 1)
 
     def forward(self, img_lr: torch.Tensor) -> torch.Tensor:
-        act = lambda t: F.leaky_relu(t, 0.2)                                      # noqa: E731
+        act = lambda t: F.leaky_relu(t, 0.2, inplace=True)    # noqa: E731  (on fresh conv outputs: exact)
         feat = self.conv_first(img_lr)                                            # (B, C, h, w)
-        feat = feat + self.conv_body(self.body(feat))
+        feat = self.conv_body(self.body(feat)).add_(feat)
         feat = act(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
         feat = act(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
         return self.conv_last(act(self.conv_hr(feat)))                            # (B, 3, 4h, 4w)
@@ -613,7 +613,7 @@ def train_sr(cfg: Config, args, saved: dict | None = None) -> Path:
     last = out_dir / "last.pt"
     sampler, provenance = make_sampler(cfg, args.weights, args.oracle_setting, saved)
     net, ema, optimizer, scheduler, start = build_training(cfg, args, device, saved)
-    model = common.wrap_ddp(net, dist)
+    model = common.compiled(common.wrap_ddp(net, dist), args.compile)
     data = common.HRPatches(args.data_dir, cfg.hr_patch)
     # step k: items k·B … k·B + B − 1 of the global batch B, this rank's B / N of them (an error unless N | B)
     batches = common.infinite_batches(data, cfg.batch_size, device, seed=cfg.seed, start_step=start,
@@ -712,6 +712,7 @@ def run_eval(args) -> None:
     """Tab. 1 settings (default) or a common protocol (--settings with no value); bicubic reference row."""
     device = common.pick_device(args.device)
     net, title = load_sr_for_eval(args, device)
+    net = common.compiled(net, args.compile)
     step = title.split(" ", 2)[-1]                                    # "step N" (+ " EMA") of our checkpoint
     source = f"{args.official_weights} (released)" if args.official_weights else f"{args.ckpt} ({step})"
     title += f" tile {args.tile}" if args.tile else ""

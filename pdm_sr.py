@@ -228,7 +228,7 @@ class ResBlockBN(nn.Module):
                                   nn.ReLU(inplace=True), nn.Conv2d(feats, feats, ksize, padding=ksize // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+        return self.body(x).add_(x)                      # x + body(x), in place on the conv's fresh output: exact
 
 
 class KernelModule(nn.Module):
@@ -350,7 +350,7 @@ class ResBlock(nn.Module):
         self.res_scale = res_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.res_scale * self.body(x)
+        return self.body(x).mul_(self.res_scale).add_(x)  # x + res_scale body(x), in place: exact
 
 
 class EDSR(nn.Module):
@@ -368,7 +368,7 @@ class EDSR(nn.Module):
 
     def forward(self, img_lr: torch.Tensor) -> torch.Tensor:
         x = self.head(self.sub_mean(img_lr * 255))  # (B, F, h, w)
-        x = x + self.body(x)
+        x = self.body(x).add_(x)                    # global residual
         return self.add_mean(self.tail(x)) / 255  # (B, 3, 4h, 4w)
 
 
@@ -389,7 +389,7 @@ class ResidualDenseBlock(nn.Module):
         feats = [x]
         for i in range(1, 5):
             feats.append(self.lrelu(getattr(self, f"conv{i}")(torch.cat(feats, 1))))
-        return x + 0.2 * self.conv5(torch.cat(feats, 1))
+        return self.conv5(torch.cat(feats, 1)).mul_(0.2).add_(x)   # x + 0.2 conv5, in place: exact
 
 
 class RRDB(nn.Module):
@@ -400,7 +400,7 @@ class RRDB(nn.Module):
         self.rdb1, self.rdb2, self.rdb3 = (ResidualDenseBlock(feats, growth) for _ in range(3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + 0.2 * self.rdb3(self.rdb2(self.rdb1(x)))
+        return self.rdb3(self.rdb2(self.rdb1(x))).mul_(0.2).add_(x)   # x + 0.2 rdb3(...), in place: exact
 
 
 class RRDBNet(nn.Module):
@@ -417,7 +417,7 @@ class RRDBNet(nn.Module):
 
     def forward(self, img_lr: torch.Tensor) -> torch.Tensor:
         feat = self.conv_first(img_lr)
-        feat = feat + self.conv_body(self.body(feat))
+        feat = self.conv_body(self.body(feat)).add_(feat)
         feat = self.lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
         feat = self.lrelu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
         return self.conv_last(self.lrelu(self.conv_hr(feat)))  # (B, 3, 4h, 4w)
@@ -668,6 +668,7 @@ def train(cfg: Config, args, stage: str, resume: Path | None) -> Path:
     if args.channels_last and device.type == "cuda":                     # cuDNN then keeps NHWC activations
         nets = {k: n.to(memory_format=torch.channels_last) for k, n in nets.items()}
     wrapped = {k: common.wrap_ddp(n, dist) if k in opts else n for k, n in nets.items()}
+    wrapped.update({k: common.compiled(wrapped[k], args.compile) for k in ("pdm", "sr") if k in wrapped})  # not D, D2
     hr_batches, hr_loader = patch_stream(args.hr_dir, cfg.hr_patch, cfg, cfg.seed, start, args, dist, device, "HR")
     lr_batches, lr_loader = ((itertools.repeat(None), None) if stage == "sr" else patch_stream(
         args.lr_dir, cfg.lr_patch, cfg, cfg.seed + 1, start, args, dist, device, "LR"))
@@ -737,6 +738,7 @@ def evaluate(args) -> list[dict]:
     lpips = common.load_lpips(*args.lpips_weights, not args.lpips_unverified, device) if args.lpips_weights else None
     model, cfg, name = load_for_inference(args, device)
     model = model.to(memory_format=torch.channels_last) if args.channels_last and device.type == "cuda" else model
+    net = common.compiled(model, args.compile)
     name += f" tile{args.tile}" if args.tile else ""
     out_dir = common.writable_dir(args.out_dir)                      # all checked before the first image
     save_dir = out_dir / "images" if args.save_images else None
@@ -745,7 +747,7 @@ def evaluate(args) -> list[dict]:
 
     def whole_image_sr(img_lr):
         with common.autocast(device, args.amp):
-            return model(img_lr).float()
+            return net(img_lr).float()
 
     sr_fn = common.tiled(whole_image_sr, args.scale, args.tile, args.tile_overlap)  # tile 0: the function itself
     summary = []

@@ -9,7 +9,7 @@ Paper map (paper element -> symbol here)
     Eq. 3  degrader I2_LR^ = D(I2_HR, f)           -> Degrader (DAConv / DABlock, reflection-padded variant)
     Eq. 4  re-degradation loss L_RD                -> re_degradation_loss
     Eq. 5  energy distance L_ED to a prior         -> energy_distance, sample_prior
-    Eq. 6  generator I1_SR = G(I1_LR, f) (DASR)    -> Generator, DAGroup, DABlock, DAConv
+    Eq. 6  generator I1_SR = G(I1_LR, f) (DASR)    -> Generator, DAGroup, DABlock, DAConv (dynamic_depthwise)
     Eqs. 7-8 modulated loss, W = 2 / (1 + C^-1)    -> modulation_weight, sr_loss
     Eq. 9  L = lambda1 L_ED + L_RD + L_SR          -> training_step
     Sec. 4.1 two crops per image, 16 pairs, Adam   -> degrade_pairs, train
@@ -185,6 +185,23 @@ class Encoder(nn.Module):
         return self.body(img_lr).mean(dim=(2, 3))  # (B, C)
 
 
+# the per-sample depthwise conv of DAConv (the docstring's [Eq. 5] is KDSR's, whose IDR-DDC is the same operation)
+# Copied from kdsr.py:dynamic_depthwise
+def dynamic_depthwise(x: torch.Tensor, weight: torch.Tensor, reflect: bool = False, taps: bool | None = None):
+    """F_out[b, i] = F_in[b, i] (x) W[b, i] for every sample b and channel i [Eq. 5]: x (B, C, h, w), W (B, C, k, k),
+    zero (or reflect) padding k // 2. Two exact forms [ours]: the definition, one grouped conv over B*C groups (the
+    faster in eager on CPU, as measured); or tap by tap, sum_pq W[b, i, p, q] * x_pad[b, i, p:p+h, q:q+w], elementwise
+    only, so that torch.compile fuses the k^2 taps into one pass. taps=None: the taps when compiling on CUDA."""
+    b, c, h, w = x.shape
+    k, pad = weight.shape[-1], (weight.shape[-1] // 2,) * 4
+    if (x.is_cuda and torch.compiler.is_compiling()) if taps is None else taps:
+        x = F.pad(x, pad, mode="reflect" if reflect else "constant")
+        return sum(x[..., p:p + h, q:q + w] * weight[..., p, q, None, None] for p in range(k) for q in range(k))
+    x, padding = (F.pad(x, pad, mode="reflect"), 0) if reflect else (x, k // 2)
+    out = F.conv2d(x.reshape(1, b * c, *x.shape[-2:]), weight.reshape(b * c, 1, k, k), padding=padding, groups=b * c)
+    return out.reshape(b, c, h, w)
+
+
 class DAConv(nn.Module):
     """Degradation-aware conv [official code, DASR]: per-sample depthwise kernel from z + channel attention.
 
@@ -206,18 +223,13 @@ class DAConv(nn.Module):
                 nn.init.normal_(self.attention[i].weight, 0.0, 0.02)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        b, c, _, _ = x.shape
         k = self.kernel_size
-        kernels = self.kernel(z).view(b * c, 1, k, k)  # channel c uses outputs 9c..9c+8, row-major
-        if self.reflect:
-            x_pad, pad = F.pad(x, (k // 2,) * 4, mode="reflect"), 0
-        else:
-            x_pad, pad = x, k // 2
-        # per-sample depthwise cross-correlation as ONE grouped conv over a (1, B*C, h, w) view
-        out = F.conv2d(x_pad.reshape(1, b * c, *x_pad.shape[-2:]), kernels, padding=pad, groups=b * c)
-        out = self.conv(self.prelu(out.view(b, c, h, w)))  # (B, C, h, w)
-        # channel attention: x * sigmoid(W2 PReLU(W1 z))
-        return out + x * self.attention(z[:, :, None, None])
+        kernels = self.kernel(z).view(b, c, k, k)  # (B, C, k, k): channel c uses outputs 9c..9c+8, row-major
+        # per-sample depthwise cross-correlation (zero or reflection padding)
+        out = self.conv(self.prelu(dynamic_depthwise(x, kernels, reflect=self.reflect)))  # (B, C, h, w)
+        # + channel attention x * sigmoid(W2 PReLU(W1 z)), added in place to the conv's fresh output (exact)
+        return out.add_(x * self.attention(z[:, :, None, None]))
 
 
 class DABlock(nn.Module):
@@ -235,7 +247,7 @@ class DABlock(nn.Module):
         y = self.prelu1(self.da_conv1(x, z))
         y = self.prelu2(self.conv1(y))
         y = self.prelu3(self.da_conv2(y, z))
-        return self.conv2(y) + x
+        return self.conv2(y).add_(x)                   # y + x in place on the conv's fresh output: exact
 
 
 class DAGroup(nn.Module):
@@ -250,7 +262,7 @@ class DAGroup(nn.Module):
         y = x
         for block in self.blocks:
             y = block(y, z)
-        return self.conv(y) + x
+        return self.conv(y).add_(x)
 
 
 class Generator(nn.Module):
@@ -281,7 +293,7 @@ class Generator(nn.Module):
         y = x
         for group, z in zip(self.groups, codes):
             y = group(y, z)
-        y = self.body_conv(y) + x  # global residual
+        y = self.body_conv(y).add_(x)  # global residual
         return self.add_mean(self.tail(y))  # (B, 3, 4h, 4w)
 
 
@@ -327,13 +339,18 @@ class ReDSR(nn.Module):
         img2_lr_hat = None if img2_hr is None else self.degrader(img2_hr, f)  # (B, 3, h, w) [Eq. 3]
         return f, img1_sr, img2_lr_hat
 
-    def represent(self, img_lr: torch.Tensor) -> torch.Tensor:
-        """f for a whole LR image; sides < 24 px are replicate-padded for E only [DEV]."""
+    @staticmethod
+    def encoder_input(img_lr: torch.Tensor) -> torch.Tensor:
+        """The LR image E sees: sides < 24 px are replicate-padded, for E only [DEV]."""
         h, w = img_lr.shape[-2:]
         need = Encoder.min_side
         if min(h, w) < need:
             img_lr = F.pad(img_lr, (0, max(0, need - w), 0, max(0, need - h)), mode="replicate")
-        return self.encoder(img_lr)
+        return img_lr
+
+    def represent(self, img_lr: torch.Tensor) -> torch.Tensor:
+        """f for a whole LR image (of any size: see encoder_input)."""
+        return self.encoder(self.encoder_input(img_lr))
 
     def super_resolve(self, img_lr: torch.Tensor) -> torch.Tensor:
         """Inference: I_SR = G(I_LR, E(I_LR)) [Sec. 3.2]."""
@@ -464,7 +481,7 @@ def _fit_joint(cfg: Config, args, resume_path: Path | None, dist, device) -> Pat
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_halve_every, gamma=0.5)
     start = _restore(resume_path, model, optimizer, scheduler, dist, device) if resume_path else 0
     common.writable_dir(args.out_dir)                               # before the data is read
-    net = common.wrap_ddp(model, dist)
+    net = common.compiled(common.wrap_ddp(model, dist), args.compile)  # E, D, G: the step's forward
     dataset = common.HRPatches(args.data_dir, cfg.lr_patch * cfg.scale, crops_per_item=2,
                                augment="hvt" if cfg.augment else "")
     # step k always draws the same items, so --resume continues exactly [common]
@@ -531,10 +548,12 @@ def evaluate(args) -> list[dict]:
     for data in args.data:
         common.find_benchmark(data, args.data_root)
 
+    encoder, generator = (common.compiled(net, args.compile) for net in (model.encoder, model.generator))
+
     @torch.no_grad()
     def whole_image_sr(img_lr):
-        with common.autocast(device, args.amp):
-            return model.super_resolve(img_lr).float()
+        with common.autocast(device, args.amp):                     # I_SR = G(I_LR, E(I_LR)) [Sec. 3.2]
+            return generator(img_lr, encoder(model.encoder_input(img_lr))).float()
 
     # tile 0: the function itself; otherwise E sees one tile at a time (f pools globally), so outputs differ
     sr_fn = common.tiled(whole_image_sr, args.scale, args.tile, args.tile_overlap)
@@ -590,14 +609,14 @@ def embed(args) -> Path:
     """Representations of benchmark LR images under several degradations + prior samples, PCA to 2-D [Fig. 9]."""
     device = common.pick_device(args.device)
     model, cfg = load_for_inference(args, device)
-    reps, labels = [], []
+    encoder, reps, labels = common.compiled(model.encoder, args.compile), [], []
     for data in args.data:
         set_name, paths = common.find_benchmark(data, args.data_root)
         for path in paths[: args.limit]:
             img_hr = common.modcrop(common.load_uint8(path), cfg.scale)
             for label, params in common.test_degradations(args.protocol, cfg.scale):
                 img_lr = common.benchmark_lr(img_hr, params, cfg.scale, f"{set_name}/{path.stem}", device)
-                reps.append(model.represent(img_lr).float().cpu())
+                reps.append(encoder(model.encoder_input(img_lr)).float().cpu())
                 labels.append(label)
     prior = sample_prior(cfg.ed_dist, args.n_prior, cfg.rep_dim, "cpu")
     points = pca_2d(torch.cat(reps + [prior]))

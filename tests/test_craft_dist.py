@@ -644,3 +644,24 @@ def test_refs_can_take_the_crops_weights_takes(tmp_path, clean_dir):
         refs = torch.stack([common.load_image(p) for p in sorted((tmp_path / flag).glob("ref*.png"))])
         errors[flag] = float((refs - y_w).abs().mean())
     assert errors["--same-crops"] < 0.5 * errors["--no-same-crops"]
+
+
+# ---- fast paths: the same math -----------------------------------------------------------------------------
+def logged_losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_compiled_training_and_eval_equal_eager(tmp_path, tiny_hr_dir, smoke_ckpt, tiny_bench_root):
+    for name, flag in (("eager", []), ("compiled", ["--compile"])):
+        cd.main(train_args(tmp_path / name, tiny_hr_dir, "--steps", "2", *flag))
+    assert logged_losses(tmp_path / "compiled") == pytest.approx(logged_losses(tmp_path / "eager"), rel=1e-5)
+    states = [torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("eager", "compiled")]
+    for part in ("model", "ema"):
+        for key in states[0][part]:
+            torch.testing.assert_close(states[1][part][key], states[0][part][key], rtol=1e-4, atol=1e-6)
+    psnr = {}
+    for name, flag in (("ev_eager", []), ("ev_compiled", ["--compile"])):
+        cd.main(eval_args(smoke_ckpt, tiny_bench_root, tmp_path / name, "--limit", "1", *flag))
+        with open(tmp_path / name / "results.csv") as f:
+            psnr[name] = [float(r["psnr"]) for r in csv.DictReader(f) if not r["method"].startswith("bicubic")]
+    assert len(psnr["ev_eager"]) == 3 and psnr["ev_compiled"] == pytest.approx(psnr["ev_eager"], abs=1e-3)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import common
@@ -486,3 +487,40 @@ def test_resume_refuses_flags_that_differ_from_the_checkpoint(tiny_hr_dir, tmp_p
     with pytest.raises(SystemExit, match=r"^error: --resume continues .* drop --degradation aniso_noise \(checkpoint: "
                                          r"iso\), --no-ed \(checkpoint: True\)$"):
         redsr.main([*run, "--steps", "2", "--degradation", "aniso_noise", "--no-ed", "--resume"])
+
+
+# ---- fast paths: the same math -----------------------------------------------------------------------------
+def previous_da_conv(conv: redsr.DAConv, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """DAConv.forward as it was before it called dynamic_depthwise: the grouped conv written out, out + attention."""
+    b, c, h, w = x.shape
+    kernels = conv.kernel(z).view(b * c, 1, 3, 3)
+    x_pad, pad = (F.pad(x, (1,) * 4, mode="reflect"), 0) if conv.reflect else (x, 1)
+    out = F.conv2d(x_pad.reshape(1, b * c, *x_pad.shape[-2:]), kernels, padding=pad, groups=b * c)
+    out = conv.conv(conv.prelu(out.view(b, c, h, w)))
+    return out + x * conv.attention(z[:, :, None, None])
+
+
+@pytest.mark.parametrize("batch, reflect", [(1, False), (3, False), (1, True), (3, True)])
+def test_da_conv_equals_the_previous_formula_in_value_and_gradient(batch, reflect):
+    torch.manual_seed(0)
+    conv = redsr.DAConv(8, reduction=4, reflect=reflect)
+    x, z = torch.randn(batch, 8, 7, 9, requires_grad=True), torch.randn(batch, 8, requires_grad=True)
+    outs = [conv(x, z), previous_da_conv(conv, x, z)]
+    assert torch.equal(outs[0], outs[1])                       # eager on CPU: the same grouped conv, bit for bit
+    grad_out, inputs = torch.randn_like(outs[0]), (x, z, *conv.parameters())
+    for got, expected in zip(*(torch.autograd.grad(out, inputs, grad_out) for out in outs)):
+        assert torch.equal(got, expected)
+    weight = torch.randn(batch, 8, 3, 3)                      # the tap-by-tap form (compiled on CUDA): equal too
+    torch.testing.assert_close(redsr.dynamic_depthwise(x, weight, reflect, taps=True),
+                               redsr.dynamic_depthwise(x, weight, reflect, taps=False))
+
+
+def test_compiled_training_equals_eager(tiny_hr_dir, tmp_path):
+    run = ["train", *SMOKE, "--data-dir", str(tiny_hr_dir), "--steps", "2"]
+    eager, compiled = (redsr.main([*run, "--out-dir", str(tmp_path / name), *flag])
+                       for name, flag in (("eager", []), ("compiled", ["--compile"])))
+    assert [r["loss"] for r in log_records(tmp_path / "compiled")] == pytest.approx(
+        [r["loss"] for r in log_records(tmp_path / "eager")], rel=1e-5)
+    states = [torch.load(path, weights_only=True)["model"] for path in (eager, compiled)]
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-6)
