@@ -613,7 +613,7 @@ def fit(cfg: Config, args, stage: str, model: nn.Module, step_fn, resume: Path |
         state.update(ema=copy.deepcopy(model).requires_grad_(False), disc=disc, opt_d=adam(disc.parameters()))
     start = common.restore_state(resume, SCRIPT, stage, state, dist, device) if resume else 0  # RNG too
     common.writable_dir(args.out_dir)                               # before the data is read
-    net = common.wrap_ddp(model, dist, find_unused=find_unused)
+    net = common.compiled(common.wrap_ddp(model, dist, find_unused=find_unused), args.compile)
     disc_net = common.wrap_ddp(disc, dist) if disc is not None else None
     real = cfg.degradation == "realesrgan"                          # small images padded; GT crops for the pipeline
     crop = cfg.hr_crop if real and stage != "pretrain" else cfg.lr_patch * cfg.scale   # as KDSR-GAN [ours]
@@ -837,12 +837,12 @@ def evaluate(args) -> list[dict]:
         raise common.UserError(f"--{'tile' if args.tile else 'lr-dir'} is for the student, not the teacher (oracle)")
     if not model.teacher and (args.adapt_upscaler or args.released_step_sizes):
         raise common.UserError("--adapt-upscaler and --released-step-sizes are for a teacher: a student does not adapt")
-    name += f" tile{args.tile}" if args.tile else ""
+    name, student = name + (f" tile{args.tile}" if args.tile else ""), common.compiled(model, args.compile)
 
     @torch.no_grad()
     def blind_sr(img_lr: torch.Tensor) -> torch.Tensor:
         with common.autocast(device, args.amp):
-            return model(img_lr)[0].float()
+            return student(img_lr)[0].float()
 
     blind_sr = common.tiled(blind_sr, args.scale, args.tile, args.tile_overlap)   # tile 0: blind_sr itself
     return common.evaluate_sets(lambda data: oracle_sr_fn(model, mln, cfg, data, args, device) if model.teacher

@@ -575,3 +575,20 @@ def test_official_student_and_teacher_eval(shared, tiny_bench_root, tmp_path, mo
                "--released-step-sizes", "--adapt-upscaler", "--out-dir", str(tmp_path / "r"), *run])
     assert alphas == [[1e-2] + [5e-3] * 4]                                   # the authors' own teacher test
     assert "MRDA_T-oracle released-steps adapt-upscaler x4" in (tmp_path / "r" / "results.md").read_text()
+
+
+def test_compiled_training_and_eval_equal_eager(chain, tiny_hr_dir, tiny_bench_root, tmp_path):
+    run = ["train", "--stage", "teacher", "--meta-ckpt", str(chain["meta"]), "--data-dir", str(tiny_hr_dir),
+           "--steps", "2", *SMOKE]
+    eager, compiled = (mrda.main([*run, "--out-dir", str(tmp_path / name), *flag])
+                       for name, flag in (("eager", []), ("compiled", ["--compile"])))
+    assert [r["loss"] for r in log_records(tmp_path / "compiled")] == pytest.approx(
+        [r["loss"] for r in log_records(tmp_path / "eager")], rel=1e-5)
+    states = [load(path)["model"] for path in (eager, compiled)]
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-6)
+    run = ["eval", "--ckpt", str(chain["student"]), "--data", "Tiny", "--data-root", str(tiny_bench_root),
+           "--device", "cpu", "--limit", "1", "--protocol", "bicubic"]
+    eager, compiled = (mrda.main([*run, "--out-dir", str(tmp_path / f"e{n}"), *flag])
+                       for n, flag in enumerate(([], ["--compile"])))
+    assert [r["psnr"] for r in compiled] == pytest.approx([r["psnr"] for r in eager], abs=1e-3)
