@@ -330,7 +330,7 @@ class MSRResNet(nn.Module):
         feat = act(F.pixel_shuffle(self.upconv1(feat), 2))                        # (B, C, 2h, 2w)
         feat = act(F.pixel_shuffle(self.upconv2(feat), 2))                        # (B, C, 4h, 4w)
         out = self.conv_last(act(self.conv_hr(feat)))                             # (B, 3, 4h, 4w)
-        return out.add_(F.interpolate(img_lr, scale_factor=4, mode="bilinear", align_corners=False))
+        return out + F.interpolate(img_lr, scale_factor=4, mode="bilinear", align_corners=False)  # fp32 under --amp
 
 
 class ResidualDenseBlock(nn.Module):
