@@ -174,7 +174,7 @@ def weight_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real_pairs(tmp_path_factory):
-    """An NTIRE-style paired folder: 2 HR images and their x4 LR (a blurred, noisy, JPEG'd stand-in)."""
+    """An NTIRE-style paired folder: 2 HR images and their x4 LR (a bicubic stand-in for a real one)."""
     root = tmp_path_factory.mktemp("pairs")
     (root / "gt").mkdir(), (root / "input").mkdir()
     for i in range(2):

@@ -18,9 +18,9 @@ from PIL import Image
 import common
 import mrda
 from conftest import REPO, synthetic_image
+from test_kdsr_realworld import real_pairs, weight_files  # noqa: F401  (the same random weight files and pairs)
 
 SMOKE = ["--preset", "smoke", "--device", "cpu", "--workers", "0", "--log-every", "1"]
-ALEX_SHAPES = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
 QUIET = common.RealESRGANOptions(noise_range=((0.0, 0.0),) * 2, poisson_scale_range=((0.0, 0.0),) * 2)  # no noise
 
 
@@ -205,32 +205,6 @@ def test_student_l_real_adds_kd_to_l_vis():
 
 
 # ---- CLI chain ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def weight_files(tmp_path_factory):
-    """Random VGG19, AlexNet and LPIPS lin files in the torchvision / LPIPS layouts (the CLI never downloads)."""
-    root = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(1)
-    torch.save({**mrda.VGG19Features().state_dict(), "classifier.6.bias": torch.zeros(10)}, root / "vgg19.pth")
-    alex = {f"features.{i}.{name}": torch.randn(shape if name == "weight" else shape[:1]) * 0.05
-            for i, shape in ALEX_SHAPES.items() for name in ("weight", "bias")}
-    torch.save(alex, root / "alexnet.pth")
-    lin = {f"lin{n}.model.1.weight": torch.rand(1, shape[0], 1, 1) for n, shape in enumerate(ALEX_SHAPES.values())}
-    torch.save(lin, root / "alex_lin.pth")
-    return root
-
-
-@pytest.fixture(scope="module")
-def real_pairs(tmp_path_factory):
-    """An NTIRE-style paired folder: 2 HR images and their x4 LR."""
-    root = tmp_path_factory.mktemp("pairs")
-    (root / "gt").mkdir(), (root / "input").mkdir()
-    for i in range(2):
-        hr = synthetic_image(20 + i, 96, 128)
-        Image.fromarray(hr).save(root / "gt" / f"08{i:02d}.png")
-        Image.fromarray(hr).resize((32, 24), Image.BICUBIC).save(root / "input" / f"08{i:02d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def chain(tiny_hr_dir, weight_files, tmp_path_factory):
     """pretrain (--degradation realesrgan) -> meta -> teacher -> student, smoke sizes; the track is inherited."""
