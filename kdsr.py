@@ -792,6 +792,7 @@ def embed(args) -> Path:
     """Student IDR D of LR images made with several isotropic sigmas, PCA to 2-D, coloured by sigma [Fig. 6]."""
     device = common.pick_device(args.device)
     model, cfg, _, _ = load_for_inference(args, device)
+    estimator = common.compiled(model.E, args.compile)        # a student's E: D from the LR alone
     reps, labels = [], []
     for data in args.data:
         set_name, paths = common.find_benchmark(data, args.data_root)
@@ -800,7 +801,7 @@ def embed(args) -> Path:
             for sigma in args.sigmas:
                 params = {"id": f"embed{sigma:g}", "kernel": common.isotropic_kernels(sigma)[0], "noise": 0}
                 img_lr = common.benchmark_lr(img_hr, params, cfg.scale, f"{set_name}/{path.stem}", device)
-                reps.append(model.estimate(img_lr)[0].float().cpu())   # D (1, C)
+                reps.append(estimator(img_lr)[0].float().cpu())        # D (1, C)
                 labels.append(sigma)
     out = Path(args.out)
     draw_scatter(torch.cat(reps), labels, out)

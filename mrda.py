@@ -837,15 +837,15 @@ def evaluate(args) -> list[dict]:
         raise common.UserError(f"--{'tile' if args.tile else 'lr-dir'} is for the student, not the teacher (oracle)")
     if not model.teacher and (args.adapt_upscaler or args.released_step_sizes):
         raise common.UserError("--adapt-upscaler and --released-step-sizes are for a teacher: a student does not adapt")
-    name, student = name + (f" tile{args.tile}" if args.tile else ""), common.compiled(model, args.compile)
+    name, net = name + (f" tile{args.tile}" if args.tile else ""), common.compiled(model, args.compile)
 
     @torch.no_grad()
     def blind_sr(img_lr: torch.Tensor) -> torch.Tensor:
         with common.autocast(device, args.amp):
-            return student(img_lr)[0].float()
+            return net(img_lr)[0].float()
 
     blind_sr = common.tiled(blind_sr, args.scale, args.tile, args.tile_overlap)   # tile 0: blind_sr itself
-    return common.evaluate_sets(lambda data: oracle_sr_fn(model, mln, cfg, data, args, device) if model.teacher
+    return common.evaluate_sets(lambda data: oracle_sr_fn(net, mln, cfg, data, args, device) if model.teacher
                                 else blind_sr, name, args.source, args, device)   # all checked before the first image
 
 
