@@ -574,20 +574,12 @@ def train_step_lr(img_hr, sampler, rnd: common.StepRandom, cfg: Config) -> torch
     return degrade(img_hr, params, cfg.scale, cfg.kernel_size, cfg.gray_noise, rnd)   # (b, 3, P/4, P/4)
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    """θ_ema ← d θ_ema + (1 − d) θ for every parameter, once per iteration (BasicSR model_ema) [ours]."""
-    for p_ema, p in zip(ema.parameters(), net.parameters()):
-        p_ema.mul_(decay).add_(p, alpha=1 - decay)
-
-
 def build_training(cfg: Config, args, device, ckpt: dict | None):
     """Network, its EMA (None at decay 0), Adam and the cosine-restart schedule, restored from a --resume checkpoint
     (exact: training draws no global random numbers after the init) -> + start step."""
     if not 0 <= cfg.ema_decay < 1:
         raise common.UserError(f"--ema-decay {cfg.ema_decay}: expected 0 (no EMA) <= decay < 1")
-    net = build_sr(cfg).to(device)
-    net = net.to(memory_format=torch.channels_last) if args.channels_last and device.type == "cuda" else net
+    net = common.to_device(build_sr(cfg), device, args.channels_last)
     ema = copy.deepcopy(net).requires_grad_(False) if cfg.ema_decay > 0 else None  # θ_ema = θ at step 0 (BasicSR)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.betas))
     eta_ratio = cfg.eta_min / cfg.learning_rate
@@ -637,7 +629,7 @@ def train_sr(cfg: Config, args, saved: dict | None = None) -> Path:
                 optimizer.step()
                 scheduler.step()
                 if ema is not None:
-                    ema_update(ema, net, cfg.ema_decay)
+                    common.ema_update(ema, net, cfg.ema_decay)     # once per iteration (BasicSR model_ema)
                 if step % args.log_every == 0 or step == cfg.steps:
                     log.log(step, "sr", loss=float(loss_mean), lr=scheduler.get_last_lr()[0])
                 stop = step < cfg.steps and common.stop_requested(flag, dist, device)   # collective under DDP

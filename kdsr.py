@@ -499,13 +499,6 @@ def disc_step(disc: nn.Module, optimizer, img_hr: torch.Tensor, img_sr: torch.Te
     return scalars
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta for every parameter, once per iteration [official code]."""
-    for p_ema, p in zip(ema.parameters(), common.unwrap(model).parameters()):
-        p_ema.mul_(decay).add_(p, alpha=1 - decay)
-
-
 def init_student_from_teacher(student: KDSR, teacher_state: dict) -> list[str]:
     """Copy exactly the teacher's G.* tensors into the student [Sec. 3.4]; the estimator keeps its fresh init."""
     g_state = {key[len("G."):]: value for key, value in teacher_state.items() if key.startswith("G.")}
@@ -598,7 +591,7 @@ def fit(cfg: Config, args, stage: str, model: KDSR, step_fn, resume: Path | None
             if disc is not None:                                    # D after G [official code]
                 scalars.update(disc_step(disc_net, state["opt_d"], img_hr, img_sr, args.amp, device, check))
             if "ema" in state:
-                ema_update(state["ema"], model, cfg.ema_decay)
+                common.ema_update(state["ema"], model, cfg.ema_decay)   # once per iteration [official code]
             if step % args.log_every == 0 or step == steps:
                 log.log(step, stage, loss=loss_mean.item(), **scalars, lr=learning_rate)
             stop = step < steps and common.stop_requested(flag, dist, device)
@@ -620,15 +613,10 @@ def _setup(cfg: Config, args):
     return device, dist
 
 
-def _to_device(model: nn.Module, args, device) -> nn.Module:
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if args.channels_last and device.type == "cuda" else model
-
-
 def train_teacher(cfg: Config, args, resume: Path | None) -> Path:
     """Stage 1 [Sec. 3.4, Fig. 2(d)]: KD-IDE_T and G trained jointly with L_rec."""
     device, dist = _setup(cfg, args)
-    model = _to_device(build_model(cfg, teacher=True), args, device)
+    model = common.to_device(build_model(cfg, teacher=True), device, args.channels_last)
 
     def step_fn(net, img_lr, img_hr, estimator_only):
         return teacher_step(net, img_lr, img_hr, args.amp, device)
@@ -662,7 +650,7 @@ def train_student(cfg: Config, args, resume: Path | None) -> Path:
         copied = init_student_from_teacher(student, weights(teacher_ckpt))
         if dist.is_main:
             print(f"student G initialised from {args.teacher_ckpt} ({len(copied)} tensors); E_st fresh")
-    model = _to_device(student, args, device)
+    model = common.to_device(student, device, args.channels_last)
 
     def step_fn(net, img_lr, img_hr, estimator_only):
         return student_step(net, teacher, img_lr, img_hr, cfg, args.amp, device, estimator_only)
@@ -678,12 +666,12 @@ def train_student_gan(cfg: Config, args, resume: Path | None) -> Path:
     """Stage 3, real-world [Sec. 4.4, Eq. 8]: KDSR_S (and its EMA) <- the L1+KD student's EMA weights, a fresh U-Net
     D, the frozen teacher's D'_T, L_real; D trained after every G step."""
     device, dist = _setup(cfg, args)
-    vgg = _to_device(load_vgg19(args.vgg_weights), args, device)
+    vgg = common.to_device(load_vgg19(args.vgg_weights), device, args.channels_last)
     teacher, _ = load_teacher(args.teacher_ckpt, cfg, device)
     student = build_model(cfg, teacher=False)
     if resume is None:
         student.load_state_dict(weights(common.load_checkpoint(args.student_ckpt, SCRIPT, ("student",))))
-    model, disc = _to_device(student, args, device), _to_device(UNetDiscriminatorSN(), args, device)
+    model, disc = (common.to_device(m, device, args.channels_last) for m in (student, UNetDiscriminatorSN()))
 
     def step_fn(net, img_lr, img_hr, estimator_only):
         return gan_step(net, teacher, disc, vgg, img_lr, img_hr, cfg, args.amp, device)

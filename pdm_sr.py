@@ -665,8 +665,7 @@ def train(cfg: Config, args, stage: str, resume: Path | None) -> Path:
     start = _restore(resume, stage, nets, opts, scheds, dist, device) if resume else 0
     common.writable_dir(args.out_dir)                               # before the data is read
     sync_batchnorm(nets["pdm"], dist, device)
-    if args.channels_last and device.type == "cuda":                     # cuDNN then keeps NHWC activations
-        nets = {k: n.to(memory_format=torch.channels_last) for k, n in nets.items()}
+    nets = {k: common.to_device(n, device, args.channels_last) for k, n in nets.items()}  # CUDA: NHWC throughout
     wrapped = {k: common.wrap_ddp(n, dist) if k in opts else n for k, n in nets.items()}
     wrapped.update({k: common.compiled(wrapped[k], args.compile) for k in ("pdm", "sr") if k in wrapped})  # not D, D2
     hr_batches, hr_loader = patch_stream(args.hr_dir, cfg.hr_patch, cfg, cfg.seed, start, args, dist, device, "HR")
@@ -737,7 +736,7 @@ def evaluate(args) -> list[dict]:
         raise common.UserError("--lr-data pairs with exactly one HR folder in --data; --lpips-weights needs both")
     lpips = common.load_lpips(*args.lpips_weights, not args.lpips_unverified, device) if args.lpips_weights else None
     model, cfg, name = load_for_inference(args, device)
-    model = model.to(memory_format=torch.channels_last) if args.channels_last and device.type == "cuda" else model
+    model = common.to_device(model, device, args.channels_last)
     net = common.compiled(model, args.compile)
     name += f" tile{args.tile}" if args.tile else ""
     out_dir = common.writable_dir(args.out_dir)                      # all checked before the first image

@@ -472,9 +472,7 @@ def _fit_joint(cfg: Config, args, resume_path: Path | None, dist, device) -> Pat
     """E, D, G trained together with one Adam; lr halved periodically. SIGINT/SIGTERM: finish the step, write
     last.pt, return. A non-finite loss (mean over ranks) stops before backward(), last.pt untouched."""
     common.seed_everything(cfg.seed + dist.rank)  # rank 0 = a single process; training draws use StepRandom
-    model = build_model(cfg).to(device)
-    if args.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = common.to_device(build_model(cfg), device, args.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]  # the fixed mean shift is not optimised
     # one Adam over E + D + G == the release's three identical Adams [Sec. 4.1, DEV]
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8)

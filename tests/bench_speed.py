@@ -368,7 +368,8 @@ def craft_train(craft_dist, cfg, x: dict, ctx: Ctx) -> Side:
         update(F.l1_loss(img_sr.float(), x["img_hr"]), optimizer)
         scheduler.step()
         if ema is not None:
-            craft_dist.ema_update(ema, net, cfg.ema_decay)
+            # the script's own ema_update up to a87d3a2, common's since
+            (getattr(craft_dist, "ema_update", None) or craft_dist.common.ema_update)(ema, net, cfg.ema_decay)
         return img_sr
     return Side(call, {"net": net, **({"ema": ema} if ema is not None else {})}, [optimizer], compiled=[net])
 

@@ -614,7 +614,7 @@ def test_ema_formula_and_eval_uses_it(tmp_path, smoke_ckpt, tiny_hr_dir):
     """θ_ema ← d θ_ema + (1 − d) θ after every step (BasicSR); the checkpoint keeps it and eval loads it."""
     net, ema = cd.MSRResNet(8, 1), cd.MSRResNet(8, 1)
     before = {k: v.clone() for k, v in ema.state_dict().items()}
-    cd.ema_update(ema, net, 0.9)
+    common.ema_update(ema, net, 0.9)
     for key, value in net.state_dict().items():
         torch.testing.assert_close(ema.state_dict()[key], 0.9 * before[key] + 0.1 * value, rtol=0, atol=1e-7)
     ckpt = torch.load(smoke_ckpt, weights_only=True)                # smoke preset: decay 0.9

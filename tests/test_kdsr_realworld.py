@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import common
 import kdsr
 from conftest import REPO, synthetic_image
 from test_kdsr import manifest_state as kdsr_manifest_state
@@ -127,7 +128,7 @@ def test_disc_step_trains_only_d_and_ema_follows_the_release_rule():
     assert not torch.equal(before["conv9.weight"], disc.conv9.weight)
     model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     expected = 0.999 * ema.weight.detach() + 0.001 * model.weight.detach()
-    kdsr.ema_update(ema, model, 0.999)
+    common.ema_update(ema, model, 0.999)
     torch.testing.assert_close(ema.weight, expected)
 
 
