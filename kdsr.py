@@ -255,10 +255,9 @@ class Estimator(nn.Module):
 
 
 def dynamic_depthwise(x: torch.Tensor, weight: torch.Tensor, reflect: bool = False, taps: bool | None = None):
-    """F_out[b, i] = F_in[b, i] (x) W[b, i] for every sample b and channel i [Eq. 5]: x (B, C, h, w), W (B, C, k, k),
-    zero (or reflect) padding k // 2. Two exact forms [ours]: the definition, one grouped conv over B*C groups (the
-    faster in eager on CPU, as measured); or tap by tap, sum_pq W[b, i, p, q] * x_pad[b, i, p:p+h, q:q+w], elementwise
-    only, so that torch.compile fuses the k^2 taps into one pass. taps=None: the taps when compiling on CUDA."""
+    """F_out[b, i] = F_in[b, i] (x) W[b, i] per sample b and channel i [Eq. 5]; x (B, C, h, w), W (B, C, k, k), zero
+    (or reflect) padding k // 2. Two exact forms [ours]: one grouped conv over B*C groups (the definition, faster in
+    eager on CPU), or tap by tap, sum_pq W[b,i,p,q] x_pad[b,i,p:p+h,q:q+w], for torch.compile to fuse (when on CUDA)."""
     b, c, h, w = x.shape
     k, pad = weight.shape[-1], (weight.shape[-1] // 2,) * 4
     if (x.is_cuda and torch.compiler.is_compiling()) if taps is None else taps:

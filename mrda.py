@@ -12,7 +12,7 @@ Paper map (paper element -> symbol here)
     Alg. 1 L8-L11 / Alg. 2 L4-L9 inner SGD adaptation         -> adapt_mln (torch.func.functional_call)
     Alg. 1 L13-L14 meta update (first order)                  -> meta_step
     Sec. III-C, Fig. 2(b) DEN_T on D'_T;  Sec. III-D DEN_S    -> DEN (in_channels = MLN width or 3)
-    Eqs. 8-10 RDA conv (dynamic depthwise conv x map M)      -> RDAConv (one grouped conv per call)
+    Eqs. 8-10 RDA conv (dynamic depthwise conv x map M)      -> RDAConv (dynamic_depthwise, as KDSR's)
     Sec. III-E, Fig. 2 RDA block, RDAN                        -> RDABlock, RDAN
     MRDA_T / MRDA_S = DEN + RDAN                              -> MRDA
     Eq. 2 L_rec; Eq. 4 L_kl; Eq. 5 L_abs; Eq. 6 L_classic     -> reconstruction_loss, kl_loss, abs_loss, student_step
@@ -296,6 +296,21 @@ class DEN(nn.Module):
         return self.mlp(x)                                    # D (B, 4c), no final activation
 
 
+# Copied from kdsr.py:dynamic_depthwise
+def dynamic_depthwise(x: torch.Tensor, weight: torch.Tensor, reflect: bool = False, taps: bool | None = None):
+    """F_out[b, i] = F_in[b, i] (x) W[b, i] per sample b and channel i [Eq. 5]; x (B, C, h, w), W (B, C, k, k), zero
+    (or reflect) padding k // 2. Two exact forms [ours]: one grouped conv over B*C groups (the definition, faster in
+    eager on CPU), or tap by tap, sum_pq W[b,i,p,q] x_pad[b,i,p:p+h,q:q+w], for torch.compile to fuse (when on CUDA)."""
+    b, c, h, w = x.shape
+    k, pad = weight.shape[-1], (weight.shape[-1] // 2,) * 4
+    if (x.is_cuda and torch.compiler.is_compiling()) if taps is None else taps:
+        x = F.pad(x, pad, mode="reflect" if reflect else "constant")
+        return sum(x[..., p:p + h, q:q + w] * weight[..., p, q, None, None] for p in range(k) for q in range(k))
+    x, padding = (F.pad(x, pad, mode="reflect"), 0) if reflect else (x, k // 2)
+    out = F.conv2d(x.reshape(1, b * c, *x.shape[-2:]), weight.reshape(b * c, 1, k, k), padding=padding, groups=b * c)
+    return out.reshape(b, c, h, w)
+
+
 class RDAConv(nn.Module):
     """RDA convolution [Eqs. 8-10]: F2 = M * LReLU(DynamicConv(F; w(d))) + F, M = Sigmoid(Conv1x1(F)), 1 channel."""
 
@@ -308,13 +323,10 @@ class RDAConv(nn.Module):
         self.conv = nn.Conv2d(channels, 1, 1)                 # "Conv" of Eq. 9
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
         k = self.kernel_size
-        weight = self.kernel(d).reshape(b * c, 1, k, k)       # channel i of sample b: taps [k^2 i, k^2 (i+1)), row-major
-        # F1 = DynamicConv(F; w): depthwise correlation with w_b per sample, one grouped conv, B*C groups [Eq. 8],
-        # then LReLU [official code]
-        f1 = F.conv2d(x.reshape(1, b * c, h, w), weight, padding=k // 2, groups=b * c).reshape(b, c, h, w)
-        f1 = F.leaky_relu(f1, 0.1)
+        weight = self.kernel(d).reshape(*x.shape[:2], k, k)  # channel i of sample b: taps [k^2 i, k^2 (i+1)), row-major
+        # F1 = DynamicConv(F; w): depthwise correlation with w_b per sample [Eq. 8], then LReLU [official code]
+        f1 = F.leaky_relu(dynamic_depthwise(x, weight), 0.1)
         # M = Sigmoid(Conv(F)) (B, 1, H, W), broadcast over channels [Eq. 9]
         modulation = torch.sigmoid(self.conv(x))
         # F2 = M * F1 + F [Eq. 10]
@@ -359,8 +371,7 @@ class RDAN(nn.Module):
 
     def forward(self, img_lr: torch.Tensor, degradation: torch.Tensor) -> torch.Tensor:
         d = F.leaky_relu(self.compress(degradation), 0.1)     # d (B, C) from D (B, 4c)
-        x = self.head(self.sub_mean(img_lr))                  # (B, C, h, w)
-        y = x
+        x = y = self.head(self.sub_mean(img_lr))              # (B, C, h, w)
         for block in self.blocks:
             y = block(y, d)
         y = self.body_conv(y) + x
@@ -623,9 +634,8 @@ def fit(cfg: Config, args, stage: str, model: nn.Module, step_fn, resume: Path |
 
     def one_step(step: int, check) -> dict:
         learning_rate, estimator_only = schedule(cfg, stage, step)
-        for optimizer in (state["optimizer"], state.get("opt_d")):
-            for group in optimizer.param_groups if optimizer else ():
-                group["lr"] = learning_rate
+        for group in [g for opt in (state["optimizer"], state.get("opt_d")) if opt for g in opt.param_groups]:
+            group["lr"] = learning_rate
         img_hr = next(batches)                                      # (b, 3, sP, sP), b = B / N; real world: GT crops
         if args.channels_last and device.type == "cuda":
             img_hr = img_hr.contiguous(memory_format=torch.channels_last)
@@ -650,14 +660,6 @@ def fit(cfg: Config, args, stage: str, model: nn.Module, step_fn, resume: Path |
     with contextlib.closing(batches):
         return common.train_steps(one_step, start, total_steps(cfg, stage), payload, args.out_dir, stage,
                                   args.log_every, cfg.save_every, dist, device, batch_size(cfg, stage), resume)
-
-
-# Copied from kdsr.py:_setup
-def _setup(cfg: Config, args):
-    device = common.pick_device(args.device)
-    dist = common.ddp_setup(device)
-    common.seed_everything(cfg.seed + dist.rank)  # rank 0 = a single process; training draws use StepRandom
-    return device, dist
 
 
 def load_stage(path, stage: str, cfg: Config) -> dict:
@@ -796,13 +798,12 @@ def load_for_inference(args, device) -> tuple[MRDA, MLN | None, Config, str]:
     if args.scale != cfg.scale:
         raise common.UserError(f"{args.ckpt or args.official_weights} is a x{cfg.scale} model but --scale "
                                f"{args.scale} was given: use --scale {cfg.scale}")
-    mln = mln.to(device) if mln is not None else None
     if args.released_step_sizes is not None:   # default: as trained (a released file: the paper's alpha)
         cfg = dataclasses.replace(cfg, released_step_sizes=args.released_step_sizes)
     name = f"MRDA_{'T' if model.teacher else 'S'}{'-GAN' * (cfg.degradation == 'realesrgan')}"
     name += "-oracle" * model.teacher + ("" if cfg.preset == "paper" else f"-{cfg.preset}")   # MRDA_S-smoke
     name += " released-steps" * (model.teacher and cfg.released_step_sizes) + " adapt-upscaler" * args.adapt_upscaler
-    return model.to(device).eval(), mln, cfg, name
+    return model.to(device).eval(), None if mln is None else mln.to(device), cfg, name
 
 
 def oracle_sr_fn(model: MRDA, mln: MLN, cfg: Config, data, args, device):
@@ -862,9 +863,6 @@ def official_key_map(n_blocks: int, estimator_prefix: str) -> dict[str, str]:
     return table
 
 
-MLN_KEY_MAP = {"head": "head", "body": "body", "tail": "tail"}
-
-
 def load_official(path) -> tuple[MRDA, Config]:
     """MRDA_S (prefix E_st., e.g. iso_ST.pt) or MRDA_T (prefix E.) from a released file; widths read from shapes."""
     state = common.read_released(path, "MRDA", SCRIPT)
@@ -906,7 +904,7 @@ def load_official_mln(path, cfg: Config) -> MLN:
     if width != cfg.mln_feats:
         raise common.UserError(f"{path} is not an MLN of width {cfg.mln_feats} (head.0.weight: {width} channels)")
     mln = build_mln(cfg)
-    mln.load_state_dict(common.convert_official(state, mln.state_dict(), MLN_KEY_MAP), strict=True)
+    mln.load_state_dict(common.convert_official(state, mln.state_dict(), {p: p for p in ("head", "body", "tail")}))
     return mln.eval().requires_grad_(False)
 
 
@@ -988,7 +986,9 @@ def main(argv=None):
             setattr(args, handoff, common.load_checkpoint(resume, SCRIPT, (args.stage,))[handoff])
         stage_fn = {"pretrain": train_pretrain, "meta": train_meta, "teacher": train_teacher,
                     "student": train_student}[args.stage]
-        device, dist = _setup(cfg, args)
+        device = common.pick_device(args.device)
+        dist = common.ddp_setup(device)
+        common.seed_everything(cfg.seed + dist.rank)  # rank 0 = a single process; training draws use StepRandom
         try:
             return stage_fn(cfg, args, resume, device, dist)
         finally:

@@ -101,6 +101,22 @@ def test_rda_conv_is_a_per_sample_depthwise_conv_with_spatial_map():
         assert torch.allclose(out[b:b + 1], ref, atol=1e-5)
 
 
+def test_rda_conv_through_the_taps_equals_the_grouped_conv_in_value_and_gradient(monkeypatch):
+    """The tap-by-tap form of the dynamic conv (chosen when compiling on CUDA) inside RDAConv: the same output and
+    gradients (input, kernel MLP, Conv of Eq. 9) as the grouped conv eager runs use."""
+    torch.manual_seed(0)
+    conv, d = mrda.RDAConv(6), torch.randn(3, 6)
+    x = torch.randn(3, 6, 9, 11, requires_grad=True)
+    grouped_form = mrda.dynamic_depthwise
+    results = []
+    for taps in (False, True):
+        monkeypatch.setattr(mrda, "dynamic_depthwise", lambda *a, taps=taps: grouped_form(*a, taps=taps))
+        out = conv(x, d)
+        results.append((out, *torch.autograd.grad(out, (x, *conv.parameters()), torch.ones_like(out))))
+    for got, expected in zip(*results[::-1]):
+        torch.testing.assert_close(got, expected)
+
+
 # ---- degradation, losses, schedules ------------------------------------------------------------------------
 def test_one_degradation_per_batch_and_theta_in_radians(monkeypatch):
     thetas, original = [], common.anisotropic_kernels
