@@ -16,8 +16,9 @@ Side by side, to measure a change (numbers from different runs are never compare
     python tests/bench_speed.py --compare 397cc35 --devices cuda --precision fp32 bf16 --variants channels-last compile
     python tests/bench_speed.py --compare                             # the working tree against a copy of itself
 
---compare REV loads, in one process, the working tree's scripts and the top-level *.py of git revision REV (each
-revision's scripts bound to its own common.py), builds the same networks in both with the same weights (REV's state
+--compare REV loads, in one process, the working tree's scripts and the top-level *.py of git revision REV, or of
+folder REV on a machine without the git history (`git archive 397cc35 | tar -x -C old`; each revision's scripts
+bound to its own common.py), builds the same networks in both with the same weights (REV's state
 dicts loaded strictly into the working tree's), and calls each row's step alternately REV, tree, REV, tree, ...:
 `--warmup` untimed calls, then the median of `--repeats`. A row is one training step through the script's own step
 function (forward, loss, backward, optimiser step; seeded random tensors of the paper's patch size, `--batch`) or one
@@ -412,8 +413,8 @@ def load_revision(rev: str, folder: Path) -> dict:
     """REV's top-level *.py written to `folder` (WORKTREE: the working tree's, copied) and imported as rev_common,
     rev_kdsr, ...: while a script of REV is imported, sys.modules["common"] is REV's common, so each revision's
     scripts bind their own common; the working tree's binding is restored afterwards."""
-    if rev == WORKTREE:
-        for path in REPO.glob("*.py"):
+    if rev == WORKTREE or Path(rev).is_dir():
+        for path in (REPO if rev == WORKTREE else Path(rev)).glob("*.py"):
             shutil.copy(path, folder / path.name)
     else:
         for name in git("ls-tree", "-z", "--name-only", rev).decode().split("\0"):
@@ -431,8 +432,13 @@ def load_revision(rev: str, folder: Path) -> dict:
 
 
 def describe_revisions(rev: str) -> str:
-    head = git("rev-parse", "--short", "HEAD").decode().strip()
-    dirty = " + uncommitted changes" if git("status", "--porcelain", "--", ":(glob)*.py").strip() else ""
+    try:
+        head = git("rev-parse", "--short", "HEAD").decode().strip()
+        dirty = " + uncommitted changes" if git("status", "--porcelain", "--", ":(glob)*.py").strip() else ""
+    except (OSError, subprocess.CalledProcessError):            # a copy of the scripts without .git
+        head, dirty = "unknown: no git history here", ""
+    if Path(rev).is_dir() and rev != WORKTREE:
+        return f"the working tree (HEAD {head}{dirty}) against the scripts in {rev}"
     if rev == WORKTREE:
         return f"the working tree (HEAD {head}{dirty}) against a copy of itself (the noise floor of the ratio)"
     return f"the working tree (HEAD {head}{dirty}) against {git('log', '-1', '--format=%h (%s)', rev).decode().strip()}"
@@ -640,8 +646,9 @@ def compare(args, rev: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", nargs="?", const=WORKTREE, metavar="REV",
-                        help="side by side against git revision REV in one process (no REV: the working tree "
-                             "against a copy of itself); default: off, every script through its CLI")
+                        help="side by side against git revision REV (or a folder holding a revision's *.py) in one "
+                             "process (no REV: the working tree against a copy of itself); default: off, every "
+                             "script through its CLI")
     parser.add_argument("--only", nargs="+", choices=SCRIPTS, help="script names (default: all)")
     parser.add_argument("--stages", nargs="+",
                         help="stage labels, e.g. 'real-world teacher' student-gan; --compare: teacher student joint sr "
@@ -673,7 +680,11 @@ def main() -> None:
     if "cuda" in args.devices and not torch.cuda.is_available():
         parser.error("--devices cuda: no CUDA device here")
     rev = args.compare
-    if rev != WORKTREE:
+    if rev != WORKTREE and Path(rev).is_dir():
+        if not (Path(rev) / "common.py").is_file():
+            parser.error(f"--compare {rev}: a folder must hold a revision's top-level scripts (common.py, ...)")
+        rev = str(Path(rev).resolve())
+    elif rev != WORKTREE:
         try:
             rev = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").decode().strip()
         except subprocess.CalledProcessError:
