@@ -783,6 +783,7 @@ def gather_batch(x: torch.Tensor, dist: Dist) -> torch.Tensor:
     return torch.cat(dist_nn.all_gather(x))
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)                     # under torch.compile (--compile): its module
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 def all_reduce_mean(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
     """Mean of `tensor` over ranks (the tensor itself for a single process)."""
@@ -1121,8 +1122,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=at_least(0), default=min(4, os.cpu_count() or 1), help="data-loader workers")
 
 def compiled(module: nn.Module, enabled: bool) -> nn.Module:
-    """torch.compile(module) under --compile, else the module itself [ours]; parameters and state_dict() stay the
-    module's own. Each script has a test that a compiled training step equals the eager one."""
+    """torch.compile(module) under --compile, else the module [ours]; unwrap() gives the module back (tested equal)."""
     return torch.compile(module) if enabled else module
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:

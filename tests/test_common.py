@@ -426,3 +426,11 @@ def test_hr_patches_pad_small_images_and_flip_only_as_asked(tmp_path):
     with pytest.raises(common.UserError, match=r"small\.png is 100x80, smaller than the 200x200 HR training patch can "
                                                r"be padded from \(101 px a side\)"):
         common.HRPatches(tmp_path, 200, pad_small=True)
+
+
+def test_unwrap_gives_the_plain_module_back_from_under_compile():
+    net = torch.nn.Linear(2, 2)
+    wrapped = common.compiled(net, True)                       # built lazily: nothing is compiled until a call
+    assert common.unwrap(wrapped) is net and common.unwrap(net) is net
+    assert [n for n, _ in wrapped.named_parameters()] == ["_orig_mod.weight", "_orig_mod.bias"]  # why unwrap is needed
+    assert common.compiled(net, False) is net

@@ -593,6 +593,20 @@ def test_official_student_and_teacher_eval(shared, tiny_bench_root, tmp_path, mo
     assert "MRDA_T-oracle released-steps adapt-upscaler x4" in (tmp_path / "r" / "results.md").read_text()
 
 
+def test_meta_stage_under_compile_runs_its_functional_calls_on_the_plain_mln(chain, tiny_hr_dir, tmp_path):
+    """The meta stage adapts copies of theta_M through torch.func.functional_call, by parameter name: it takes the MLN
+    from under the compile wrapper (whose names carry a prefix) and runs it eagerly, the same run with --compile."""
+    run = ["train", "--stage", "meta", "--pretrain-ckpt", str(chain["pretrain"]), "--data-dir", str(tiny_hr_dir),
+           "--steps", "2", *SMOKE]
+    eager, compiled = (mrda.main([*run, "--out-dir", str(tmp_path / name), *flag])
+                       for name, flag in (("eager", []), ("compiled", ["--compile"])))
+    losses = [[r["loss"] for r in log_records(tmp_path / name)] for name in ("eager", "compiled")]
+    assert losses[0] == losses[1]
+    states = [load(path)["model"] for path in (eager, compiled)]
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[1][k], states[0][k]) for k in states[0])
+    assert not torch.equal(states[0]["body.0.weight"], load(chain["pretrain"])["model"]["body.0.weight"])  # it learned
+
+
 def test_compiled_training_and_eval_equal_eager(chain, tiny_hr_dir, tiny_bench_root, tmp_path):
     run = ["train", "--stage", "teacher", "--meta-ckpt", str(chain["meta"]), "--data-dir", str(tiny_hr_dir),
            "--steps", "2", *SMOKE]
