@@ -250,7 +250,7 @@ def conv3x3(cin: int, cout: int) -> nn.Conv2d:
 
 
 def lrelu() -> nn.LeakyReLU:
-    return nn.LeakyReLU(0.1)
+    return nn.LeakyReLU(0.1, inplace=True)                    # on fresh conv / linear outputs only: exact
 
 
 class MLN(nn.Module):
@@ -326,11 +326,11 @@ class RDAConv(nn.Module):
         k = self.kernel_size
         weight = self.kernel(d).reshape(*x.shape[:2], k, k)  # channel i of sample b: taps [k^2 i, k^2 (i+1)), row-major
         # F1 = DynamicConv(F; w): depthwise correlation with w_b per sample [Eq. 8], then LReLU [official code]
-        f1 = F.leaky_relu(dynamic_depthwise(x, weight), 0.1)
+        f1 = F.leaky_relu(dynamic_depthwise(x, weight), 0.1, inplace=True)
         # M = Sigmoid(Conv(F)) (B, 1, H, W), broadcast over channels [Eq. 9]
         modulation = torch.sigmoid(self.conv(x))
         # F2 = M * F1 + F [Eq. 10]
-        return modulation * f1 + x
+        return (modulation * f1).add_(x)
 
 
 class RDABlock(nn.Module):
@@ -342,10 +342,10 @@ class RDABlock(nn.Module):
         self.da_conv2, self.conv2 = RDAConv(channels), conv3x3(channels, channels)
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        a = F.leaky_relu(self.da_conv1(x, d), 0.1)
-        a = F.leaky_relu(self.conv1(a), 0.1)
-        a = F.leaky_relu(self.da_conv2(a, d), 0.1)
-        return self.conv2(a) + x
+        a = F.leaky_relu(self.da_conv1(x, d), 0.1, inplace=True)   # in place on fresh outputs: exact
+        a = F.leaky_relu(self.conv1(a), 0.1, inplace=True)
+        a = F.leaky_relu(self.da_conv2(a, d), 0.1, inplace=True)
+        return self.conv2(a).add_(x)
 
 
 class RDAN(nn.Module):
@@ -374,7 +374,7 @@ class RDAN(nn.Module):
         x = y = self.head(self.sub_mean(img_lr))              # (B, C, h, w)
         for block in self.blocks:
             y = block(y, d)
-        y = self.body_conv(y) + x
+        y = self.body_conv(y).add_(x)
         return self.add_mean(self.tail(self.upsample(y)))     # (B, 3, 4h, 4w)
 
 
