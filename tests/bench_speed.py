@@ -15,6 +15,7 @@ Side by side, to measure a change (numbers from different runs are never compare
     python tests/bench_speed.py --compare HEAD~3 --only kdsr mrda --batch 1 --repeats 3
     python tests/bench_speed.py --compare 397cc35 --devices cuda --precision fp32 bf16 --variants channels-last compile
     python tests/bench_speed.py --compare                             # the working tree against a copy of itself
+    python tests/bench_speed.py --profile --only redsr                # where each row's time goes (conv share)
 
 --compare REV loads, in one process, the working tree's scripts and the top-level *.py of git revision REV, or of
 folder REV on a machine without the git history (`git archive 397cc35 | tar -x -C old`; each revision's scripts
@@ -643,12 +644,71 @@ def compare(args, rev: str) -> int:
     return 0 if all(r["check"] == "ok" for r in results) else 1
 
 
+# ---- where a row's time goes ---------------------------------------------------------------------------------
+def profile_row(row, tree: dict, device: torch.device, precision: str, batch: int, tiny: bool) -> dict:
+    """One call of the working tree's side of a row under torch.profiler, after a warm-up call: self time per op
+    (CPU time on the CPU, kernel time on CUDA), the share of convolution ops (forward and backward) and
+    1 / share, the most that any change to everything else could gain at the same math."""
+    script, _, _, shapes, build = row
+    mod = tree[script]
+    cfg = mod.Config(**(mod.PRESETS["smoke"] if tiny else {}))
+    gen = torch.Generator().manual_seed(0)
+    x = {key: torch.rand(shape, generator=gen).to(device) for key, shape in shapes(cfg, batch).items()}
+    torch.manual_seed(0)
+    side = build(mod, cfg, x, Ctx(device, precision == "bf16"))
+    side.call()
+    sync(device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        side.call()
+        sync(device)
+        elapsed = time.perf_counter() - start
+    field = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    op_times = {event.key: getattr(event, field) for event in prof.key_averages()}
+    total = sum(op_times.values()) or 1
+    conv = sum(t for key, t in op_times.items() if "conv" in key)
+    other, other_time = max(((key, t) for key, t in op_times.items() if "conv" not in key),
+                            key=lambda item: item[1], default=("-", 0))
+    return {"ms": 1000 * elapsed, "conv_share": conv / total, "other": other, "other_share": other_time / total}
+
+
+def profile(args) -> int:
+    """The --profile mode: where each row's time goes, as a markdown table."""
+    tree = {name: importlib.import_module(name) for name in ("common", *SCRIPTS)}
+    lines = [f"Where the time goes: one profiled call per row, working tree, torch {torch.__version__}, "
+             f"CPU threads: {torch.get_num_threads()}{' (smoke presets)' if args.tiny else ''}. conv share: self time "
+             "in convolution ops (forward + backward); bound = 1 / conv share: the most a same-math change to "
+             "everything else could gain.", "",
+             "| script | stage | row | device | precision | batch | ms | conv share | largest other op | bound |",
+             "|" + "---|" * 10]
+    for device, precision, row, variant in compare_plan(args):
+        if variant:
+            continue
+        script, stage, what = row[:3]
+        batch = row_batch(script, what, device, args.batch)
+        r = profile_row(row, tree, device, precision, batch, args.tiny)
+        lines.append(f"| {script} | {stage} | {what} | {device.type} | {precision} | {batch} | {ms(r['ms'])} | "
+                     f"{100 * r['conv_share']:.0f} % | {r['other']} ({100 * r['other_share']:.1f} %) | "
+                     f"{1 / max(r['conv_share'], 1e-9):.2f} |")
+        print(lines[-1], flush=True)
+        gc.collect()
+    print("\n" + "\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", nargs="?", const=WORKTREE, metavar="REV",
                         help="side by side against git revision REV (or a folder holding a revision's *.py) in one "
                              "process (no REV: the working tree against a copy of itself); default: off, every "
                              "script through its CLI")
+    parser.add_argument("--profile", action="store_true",
+                        help="where the time of each --compare row goes in the working tree: the share of "
+                             "convolutions and the largest other op (the --compare options select rows)")
     parser.add_argument("--only", nargs="+", choices=SCRIPTS, help="script names (default: all)")
     parser.add_argument("--stages", nargs="+",
                         help="stage labels, e.g. 'real-world teacher' student-gan; --compare: teacher student joint sr "
@@ -673,6 +733,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        sys.exit(profile(args))
     if args.compare is None:
         return cli_speeds(args)
     if args.warmup < 1 or args.repeats < 1:

@@ -1,8 +1,10 @@
-"""tests/bench_speed.py --compare: the side-by-side comparison finds equal outputs equal and flags a changed one
-(smoke networks, CPU; the timings themselves are not asserted)."""
+"""tests/bench_speed.py: --compare finds equal outputs equal and flags a changed one; --profile reports a consistent
+convolution share (smoke networks, CPU; the timings themselves are not asserted)."""
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -45,3 +47,16 @@ def test_compare_flags_a_revision_whose_output_differs(tmp_path):
     status, rows = compare(old, tmp_path)
     assert status == 1 and len(rows) == 3
     assert all(row[-1].startswith("DIFFERS") and float(row[-4]) > 1e-4 for row in rows), rows
+
+
+def test_profile_reports_the_convolution_share_and_its_bound(tmp_path):
+    out = tmp_path / "profile.md"
+    subprocess.run([sys.executable, str(REPO / "tests" / "bench_speed.py"), "--profile", "--only", "pdm_sr", "--tiny",
+                    "--threads", "1", "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.read_text().splitlines()
+            if line.startswith("| pdm_sr")]
+    assert [row[2] for row in rows] == ["train step", "inference 180x320"]
+    for row in rows:                                 # ... | ms | conv share | largest other op | bound
+        share = float(row[-3].rstrip(" %"))
+        assert 0 < share <= 100 and float(row[-1]) == pytest.approx(100 / share, rel=0.02), row
+        assert "conv" not in row[-2] and float(row[-4]) > 0
