@@ -665,11 +665,14 @@ def profile_row(row, tree: dict, device: torch.device, precision: str, batch: in
         side.call()
         sync(device)
         elapsed = time.perf_counter() - start
-    field = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    op_times = {event.key: getattr(event, field) for event in prof.key_averages()}
-    total = sum(op_times.values()) or 1
-    conv = sum(t for key, t in op_times.items() if "conv" in key)
-    other, other_time = max(((key, t) for key, t in op_times.items() if "conv" not in key),
+    cuda, events = device.type == "cuda", prof.key_averages()
+    own = {e.key: e.self_device_time_total if cuda else e.self_cpu_time_total for e in events}   # without children
+    within = {e.key: e.device_time_total if cuda else e.cpu_time_total for e in events}          # with its kernels
+    total = sum(own.values()) or 1
+    conv = sum(within.get(key, 0) for key in ("aten::convolution", "aten::convolution_backward"))
+    # the largest other aten op: by its own time on the CPU; on CUDA by the kernels it launched
+    ranked = within if cuda else own
+    other, other_time = max(((k, ranked[k]) for k in own if k.startswith("aten::") and "conv" not in k),
                             key=lambda item: item[1], default=("-", 0))
     return {"ms": 1000 * elapsed, "conv_share": conv / total, "other": other, "other_share": other_time / total}
 
@@ -733,14 +736,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if "cuda" in args.devices and not torch.cuda.is_available():
+        parser.error("--devices cuda: no CUDA device here")
     if args.profile:
         sys.exit(profile(args))
     if args.compare is None:
         return cli_speeds(args)
     if args.warmup < 1 or args.repeats < 1:
         parser.error("--warmup and --repeats must be >= 1")
-    if "cuda" in args.devices and not torch.cuda.is_available():
-        parser.error("--devices cuda: no CUDA device here")
     rev = args.compare
     if rev != WORKTREE and Path(rev).is_dir():
         if not (Path(rev) / "common.py").is_file():
