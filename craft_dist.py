@@ -689,13 +689,14 @@ def load_sr_for_eval(args, device) -> tuple[nn.Module, str]:
     (--official-weights; params_ema before params); --scale checked."""
     if args.official_weights:
         check_scale(args.scale, 4, args.official_weights)
-        return load_basicsr_sr(args.official_weights).to(device).eval(), Path(args.official_weights).stem
+        net = common.to_device(load_basicsr_sr(args.official_weights), device, args.channels_last)
+        return net.eval(), Path(args.official_weights).stem
     if not args.ckpt:
         raise common.UserError("eval needs --ckpt (a train checkpoint) or --official-weights (a BasicSR .pth)")
     ckpt = common.load_checkpoint(args.ckpt, SCRIPT, ("sr",), device)
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__})
     check_scale(args.scale, cfg.scale, args.ckpt)
-    net = build_sr(cfg).to(device)
+    net = common.to_device(build_sr(cfg), device, args.channels_last)
     net.load_state_dict(ckpt.get("ema") or ckpt["model"])              # the EMA when the run kept one (BasicSR)
     return net.eval(), f"{SCRIPT} {cfg.arch} step {ckpt['step']}{' EMA' if 'ema' in ckpt else ''}"
 

@@ -256,16 +256,18 @@ class Estimator(nn.Module):
 
 def dynamic_depthwise(x: torch.Tensor, weight: torch.Tensor, reflect: bool = False, taps: bool | None = None):
     """F_out[b, i] = F_in[b, i] (x) W[b, i] per sample b and channel i [Eq. 5]; x (B, C, h, w), W (B, C, k, k), zero
-    (or reflect) padding k // 2. Two exact forms [ours]: one grouped conv over B*C groups (the definition, faster in
-    eager on CPU), or tap by tap, sum_pq W[b,i,p,q] x_pad[b,i,p:p+h,q:q+w], for torch.compile to fuse (when on CUDA)."""
+    (or reflect) padding k // 2, out in x's layout. Two exact forms [ours]: one grouped conv over B*C groups (the
+    definition, faster in eager), or tap by tap, sum_pq W[b,i,p,q] x_pad[b,i,p:p+h,q:q+w] (when compiling on CUDA)."""
     b, c, h, w = x.shape
     k, pad = weight.shape[-1], (weight.shape[-1] // 2,) * 4
     if (x.is_cuda and torch.compiler.is_compiling()) if taps is None else taps:
         x = F.pad(x, pad, mode="reflect" if reflect else "constant")
         return sum(x[..., p:p + h, q:q + w] * weight[..., p, q, None, None] for p in range(k) for q in range(k))
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     x, padding = (F.pad(x, pad, mode="reflect"), 0) if reflect else (x, k // 2)
-    out = F.conv2d(x.reshape(1, b * c, *x.shape[-2:]), weight.reshape(b * c, 1, k, k), padding=padding, groups=b * c)
-    return out.reshape(b, c, h, w)
+    x = x if b == 1 else x.reshape(1, b * c, *x.shape[-2:])   # batch 1 as is: a view could lose channels_last strides
+    out = F.conv2d(x, weight.reshape(b * c, 1, k, k), padding=padding, groups=b * c)
+    return out if b == 1 else out.reshape(b, c, h, w).contiguous(memory_format=layout)
 
 
 class IDRDDC(nn.Module):
@@ -704,7 +706,7 @@ def load_for_inference(args, device) -> tuple[KDSR, Config, str, str]:
                                "so it cannot super-resolve an LR image alone; evaluate a student checkpoint")
     real = cfg.degradation == "realesrgan"
     name = f"KDSR_S-{cfg.size}" if not real else ("KDSR_S-rec" if stage == "student" else "KDSR_S-GAN")
-    return model.to(device).eval(), cfg, name, source
+    return common.to_device(model, device, args.channels_last).eval(), cfg, name, source
 
 
 def evaluate(args) -> list[dict]:

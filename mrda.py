@@ -299,16 +299,18 @@ class DEN(nn.Module):
 # Copied from kdsr.py:dynamic_depthwise
 def dynamic_depthwise(x: torch.Tensor, weight: torch.Tensor, reflect: bool = False, taps: bool | None = None):
     """F_out[b, i] = F_in[b, i] (x) W[b, i] per sample b and channel i [Eq. 5]; x (B, C, h, w), W (B, C, k, k), zero
-    (or reflect) padding k // 2. Two exact forms [ours]: one grouped conv over B*C groups (the definition, faster in
-    eager on CPU), or tap by tap, sum_pq W[b,i,p,q] x_pad[b,i,p:p+h,q:q+w], for torch.compile to fuse (when on CUDA)."""
+    (or reflect) padding k // 2, out in x's layout. Two exact forms [ours]: one grouped conv over B*C groups (the
+    definition, faster in eager), or tap by tap, sum_pq W[b,i,p,q] x_pad[b,i,p:p+h,q:q+w] (when compiling on CUDA)."""
     b, c, h, w = x.shape
     k, pad = weight.shape[-1], (weight.shape[-1] // 2,) * 4
     if (x.is_cuda and torch.compiler.is_compiling()) if taps is None else taps:
         x = F.pad(x, pad, mode="reflect" if reflect else "constant")
         return sum(x[..., p:p + h, q:q + w] * weight[..., p, q, None, None] for p in range(k) for q in range(k))
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     x, padding = (F.pad(x, pad, mode="reflect"), 0) if reflect else (x, k // 2)
-    out = F.conv2d(x.reshape(1, b * c, *x.shape[-2:]), weight.reshape(b * c, 1, k, k), padding=padding, groups=b * c)
-    return out.reshape(b, c, h, w)
+    x = x if b == 1 else x.reshape(1, b * c, *x.shape[-2:])   # batch 1 as is: a view could lose channels_last strides
+    out = F.conv2d(x, weight.reshape(b * c, 1, k, k), padding=padding, groups=b * c)
+    return out if b == 1 else out.reshape(b, c, h, w).contiguous(memory_format=layout)
 
 
 class RDAConv(nn.Module):
@@ -803,7 +805,7 @@ def load_for_inference(args, device) -> tuple[MRDA, MLN | None, Config, str]:
     name = f"MRDA_{'T' if model.teacher else 'S'}{'-GAN' * (cfg.degradation == 'realesrgan')}"
     name += "-oracle" * model.teacher + ("" if cfg.preset == "paper" else f"-{cfg.preset}")   # MRDA_S-smoke
     name += " released-steps" * (model.teacher and cfg.released_step_sizes) + " adapt-upscaler" * args.adapt_upscaler
-    return model.to(device).eval(), None if mln is None else mln.to(device), cfg, name
+    return common.to_device(model, device, args.channels_last).eval(), mln and mln.to(device), cfg, name
 
 
 def oracle_sr_fn(model: MRDA, mln: MLN, cfg: Config, data, args, device):
@@ -815,7 +817,6 @@ def oracle_sr_fn(model: MRDA, mln: MLN, cfg: Config, data, args, device):
     repeats = len(common.test_degradations(args.protocol, args.scale))
     def modcropped_hr(path) -> torch.Tensor:                                          # (3, H, W) in [0, 1]
         return torch.from_numpy(common.modcrop(common.load_uint8(path), args.scale).copy()).permute(2, 0, 1) / 255
-
     stream = (hr for path in files[: args.limit] for hr in [modcropped_hr(path)] * repeats)
 
     def sr_fn(img_lr: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "tests" / "manifests"   # key<TAB>shape of the authors' released checkpoints (our own listing)
@@ -87,3 +88,18 @@ def tiny_bench_root(tmp_path_factory):
     for i in range(2):
         Image.fromarray(synthetic_image(10 + i, 48, 64)).save(root / "Tiny" / "HR" / f"t{i}.png")
     return root
+
+
+class ConvLayouts(TorchDispatchMode):
+    """While active: how many convolutions ran and how many of them gave an output that is not channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = self.off = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default:
+            self.total += 1
+            self.off += not out.is_contiguous(memory_format=torch.channels_last)
+        return out

@@ -550,6 +550,15 @@ def test_tiled_eval(tmp_path, smoke_ckpt, tiny_bench_root):
         cd.main(eval_args(smoke_ckpt, tiny_bench_root, tmp_path / "neg", "--tile", "-1"))
 
 
+def test_eval_with_channels_last_gives_the_same_scores(tmp_path, smoke_ckpt, tiny_bench_root):
+    psnr = {}
+    for name, flag in (("plain", []), ("nhwc", ["--channels-last"])):
+        cd.main(eval_args(smoke_ckpt, tiny_bench_root, tmp_path / name, "--limit", "1", *flag))
+        with open(tmp_path / name / "results.csv") as f:
+            psnr[name] = [float(r["psnr"]) for r in csv.DictReader(f) if not r["method"].startswith("bicubic")]
+    assert len(psnr["plain"]) == 3 and psnr["nhwc"] == pytest.approx(psnr["plain"], abs=1e-4)
+
+
 def test_wrong_scale_and_foreign_checkpoints(tmp_path, smoke_ckpt, tiny_bench_root, tiny_hr_dir):
     with pytest.raises(SystemExit, match=r"^error: .*last\.pt is a x4 model but --scale 2 was given: use --scale 4$"):
         cd.main(eval_args(smoke_ckpt, tiny_bench_root, tmp_path / "ev", "--scale", "2"))

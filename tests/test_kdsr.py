@@ -560,3 +560,12 @@ def test_compiled_training_and_eval_equal_eager(tiny_hr_dir, student_ckpt, tiny_
     eager, compiled = (kdsr.main([*run, "--out-dir", str(tmp_path / f"e{n}"), *flag])
                        for n, flag in enumerate(([], ["--compile"])))
     assert [r["psnr"] for r in compiled] == pytest.approx([r["psnr"] for r in eager], abs=1e-3)
+
+
+
+def test_eval_with_channels_last_gives_the_same_scores(student_ckpt, tiny_bench_root, tmp_path):
+    run = ["eval", "--ckpt", str(student_ckpt), "--data", "Tiny", "--data-root", str(tiny_bench_root), "--device",
+           "cpu", "--limit", "1"]
+    plain, nhwc = (kdsr.main([*run, "--out-dir", str(tmp_path / f"e{n}"), *flag])
+                   for n, flag in enumerate(([], ["--channels-last"])))
+    assert len(plain) > 2 and [r["psnr"] for r in nhwc] == pytest.approx([r["psnr"] for r in plain], abs=1e-4)

@@ -389,6 +389,13 @@ def test_tiled_eval(smoke_ckpt, tiny_bench_root, tmp_path):
         run("bad", "--tile", "-1")
 
 
+def test_eval_with_channels_last_gives_the_same_scores(smoke_ckpt, tiny_bench_root, tmp_path):
+    run = ["eval", "--ckpt", str(smoke_ckpt), "--data", "Tiny", "--data-root", str(tiny_bench_root), "--device", "cpu"]
+    plain, nhwc = (redsr.main([*run, "--out-dir", str(tmp_path / f"e{n}"), *flag])
+                   for n, flag in enumerate(([], ["--channels-last"])))
+    assert len(plain) > 2 and [r["psnr"] for r in nhwc] == pytest.approx([r["psnr"] for r in plain], abs=1e-4)
+
+
 def test_wrong_scale_and_foreign_checkpoints(smoke_ckpt, tiny_hr_dir, tiny_bench_root, tmp_path):
     bench = ["--data", "Tiny", "--data-root", str(tiny_bench_root), "--device", "cpu", "--out-dir", str(tmp_path)]
     with pytest.raises(SystemExit, match=r"^error: .* is a x4 model .* --scale 2 was given: use --scale 4$"):
