@@ -382,6 +382,10 @@ def craft_infer(craft_dist, cfg, x: dict, ctx: Ctx) -> Side:
 
 
 TRAIN, INFER = "train step", f"inference {INFER_LR[0]}x{INFER_LR[1]}"
+# Gradients that the row's own math makes sensitive to rounding: in PDM-SR's joint step the noise module's last conv
+# gets a gradient that moves by 6e-3 of its largest entry when the HR input moves by 1e-7 relative (measured: ReLU
+# gates flip), so another layout or compiled kernels move it by ~2e-3; its rows hold the gradients to 1e-2.
+GRAD_TOLERANCE = {("pdm_sr", TRAIN): 1e-2}
 # (script, stage, what, input shapes, builder)
 COMPARE_ROWS = [
     ("kdsr", "teacher", TRAIN, lr_hr_shapes, kdsr_teacher_train),
@@ -537,9 +541,11 @@ def compare_row(result: dict, row, modules: dict, device: torch.device, variant:
             if len(grads["rev"]) == len(grads["tree"]) else math.inf
     changed = [name for name in ("rev", "tree")
                if any(not torch.equal(inputs[name][key].cpu(), value) for key, value in originals.items())]
-    worst = max(result["out_rel"], result.get("grad_rel", 0.0))
+    result["grad_tol"] = max(result["tol"], GRAD_TOLERANCE.get((row[0], row[2]), 0.0))
+    limits = ((result["out_rel"], result["tol"]), (result.get("grad_rel", 0.0), result["grad_tol"]))
+    over = [f"{value:.1e} > {tol:.0e}" for value, tol in limits if value > tol]
     result["check"] = (f"inputs changed in place ({', '.join(changed)})" if changed
-                       else "ok" if worst <= result["tol"] else f"DIFFERS: {worst:.1e} > {result['tol']:.0e}")
+                       else f"DIFFERS: {', '.join(over)}" if over else "ok")
 
 
 def compare_plan(args) -> list:
@@ -585,6 +591,11 @@ def summary(result: dict) -> str:
             f"max abs Δ out {sci(result['out_abs'])} (rel {sci(result['out_rel'])}){grad}: {result['check']}")
 
 
+def tol_text(result: dict) -> str:
+    grad = result.get("grad_tol", result["tol"])
+    return f"{result['tol']:.0e}" + (f" (grad {grad:.0e})" if grad != result["tol"] else "")
+
+
 def compare_table(results: list[dict], args, rev_text: str) -> list[str]:
     cpu = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     gpu = torch.cuda.get_device_name() + " | " if "cuda" in args.devices else ""
@@ -602,7 +613,7 @@ def compare_table(results: list[dict], args, rev_text: str) -> list[str]:
         ratio = f"{r['ratio']:.3f}" if "ratio" in r else ""
         cells = [r["script"], r["stage"], r["what"], r["device"], r["precision"], r["variant"], str(r["batch"]),
                  ms(r.get("rev_ms")), ms(r.get("tree_ms")), ratio, sci(r.get("out_abs")), sci(r.get("out_rel")),
-                 sci(r.get("grad_rel")), f"{r['tol']:.0e}", r["check"].replace("|", "/")]
+                 sci(r.get("grad_rel")), tol_text(r), r["check"].replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -40,10 +40,9 @@ def test_compare_against_a_folder_copy_of_the_scripts_is_exact(tmp_path):
 
 def test_compare_flags_a_revision_whose_output_differs(tmp_path):
     old = copy_of_the_scripts(tmp_path)
-    source = (old / "kdsr.py").read_text()
-    line = "    return out.reshape(b, c, h, w)\n"                 # the grouped-conv form of the dynamic conv
-    assert source.count(line) == 1
-    (old / "kdsr.py").write_text(source.replace(line, "    return out.reshape(b, c, h, w) * 2\n"))
+    with open(old / "kdsr.py", "a") as f:              # that revision's dynamic conv doubles its output
+        f.write("\n_dynamic_depthwise = dynamic_depthwise\n"
+                "def dynamic_depthwise(*args, **kwargs):\n    return 2 * _dynamic_depthwise(*args, **kwargs)\n")
     status, rows = compare(old, tmp_path)
     assert status == 1 and len(rows) == 3
     assert all(row[-1].startswith("DIFFERS") and float(row[-4]) > 1e-4 for row in rows), rows
