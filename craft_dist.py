@@ -781,7 +781,8 @@ def load_encoder_phi(path) -> EncoderPhi:
     if not isinstance(ckpt, dict) or ckpt.get("script") not in ("kdsr", "redsr"):
         raise common.UserError(f"--phi encoder:{path}: expected a kdsr.py student or redsr.py checkpoint file")
     loader = importlib.import_module(ckpt["script"]).load_for_inference
-    net = loader(argparse.Namespace(ckpt=path, official_weights=None, scale=ckpt["config"]["scale"]), "cpu")[0]
+    args = argparse.Namespace(ckpt=path, official_weights=None, scale=ckpt["config"]["scale"], channels_last=False)
+    net = loader(args, "cpu")[0]
     return EncoderPhi(net, (lambda x: net.estimate(x)[1]) if ckpt["script"] == "kdsr" else net.represent)
 
 

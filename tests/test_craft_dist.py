@@ -395,7 +395,8 @@ def test_encoder_phi_from_kdsr_and_redsr_checkpoints(tmp_path, clean_dir, tiny_h
     x = img_stack([1, 2], cd.make_config("smoke").lr_size)                    # the smoke preset's 16x16 LR
     for ckpt, script in ((student, "kdsr"), (tmp_path / "r" / "last.pt", "redsr")):
         module = __import__(script)
-        net, cfg = module.load_for_inference(SimpleNamespace(ckpt=ckpt, official_weights=None, scale=4), "cpu")[:2]
+        args = SimpleNamespace(ckpt=ckpt, official_weights=None, scale=4, channels_last=False)
+        net, cfg = module.load_for_inference(args, "cpu")[:2]
         phi = cd.build_phi(f"encoder:{ckpt}")
         with torch.no_grad():
             expected = net.estimate(x)[1] if script == "kdsr" else net.represent(x)
@@ -629,7 +630,7 @@ def test_ema_formula_and_eval_uses_it(tmp_path, smoke_ckpt, tiny_hr_dir):
     ckpt = torch.load(smoke_ckpt, weights_only=True)                # smoke preset: decay 0.9
     assert ckpt["config"]["ema_decay"] == 0.9
     assert any(not torch.equal(ckpt["ema"][k], v) for k, v in ckpt["model"].items())        # it lags the weights
-    args = SimpleNamespace(ckpt=smoke_ckpt, official_weights=None, scale=4)
+    args = SimpleNamespace(ckpt=smoke_ckpt, official_weights=None, scale=4, channels_last=False)
     loaded, title = cd.load_sr_for_eval(args, "cpu")
     assert title.endswith("step 4 EMA") and all(torch.equal(v, ckpt["ema"][k]) for k, v in loaded.state_dict().items())
     cd.main(train_args(tmp_path / "plain", tiny_hr_dir, "--ema-decay", "0"))
