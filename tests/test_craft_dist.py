@@ -551,13 +551,17 @@ def test_tiled_eval(tmp_path, smoke_ckpt, tiny_bench_root):
         cd.main(eval_args(smoke_ckpt, tiny_bench_root, tmp_path / "neg", "--tile", "-1"))
 
 
+def model_psnrs(ckpt, root, out, *flags) -> list[float]:
+    """`eval --limit 1` of a checkpoint: the PSNR of each of the model's rows (the bicubic rows left out)."""
+    cd.main(eval_args(ckpt, root, out, "--limit", "1", *flags))
+    with open(out / "results.csv") as f:
+        return [float(r["psnr"]) for r in csv.DictReader(f) if not r["method"].startswith("bicubic")]
+
+
 def test_eval_with_channels_last_gives_the_same_scores(tmp_path, smoke_ckpt, tiny_bench_root):
-    psnr = {}
-    for name, flag in (("plain", []), ("nhwc", ["--channels-last"])):
-        cd.main(eval_args(smoke_ckpt, tiny_bench_root, tmp_path / name, "--limit", "1", *flag))
-        with open(tmp_path / name / "results.csv") as f:
-            psnr[name] = [float(r["psnr"]) for r in csv.DictReader(f) if not r["method"].startswith("bicubic")]
-    assert len(psnr["plain"]) == 3 and psnr["nhwc"] == pytest.approx(psnr["plain"], abs=1e-4)
+    plain, nhwc = (model_psnrs(smoke_ckpt, tiny_bench_root, tmp_path / name, *flags)
+                   for name, flags in (("plain", []), ("nhwc", ["--channels-last"])))
+    assert len(plain) == 3 and nhwc == pytest.approx(plain, abs=1e-4)
 
 
 def test_wrong_scale_and_foreign_checkpoints(tmp_path, smoke_ckpt, tiny_bench_root, tiny_hr_dir):
@@ -669,9 +673,6 @@ def test_compiled_training_and_eval_equal_eager(tmp_path, tiny_hr_dir, smoke_ckp
     for part in ("model", "ema"):
         for key in states[0][part]:
             torch.testing.assert_close(states[1][part][key], states[0][part][key], rtol=1e-4, atol=1e-6)
-    psnr = {}
-    for name, flag in (("ev_eager", []), ("ev_compiled", ["--compile"])):
-        cd.main(eval_args(smoke_ckpt, tiny_bench_root, tmp_path / name, "--limit", "1", *flag))
-        with open(tmp_path / name / "results.csv") as f:
-            psnr[name] = [float(r["psnr"]) for r in csv.DictReader(f) if not r["method"].startswith("bicubic")]
-    assert len(psnr["ev_eager"]) == 3 and psnr["ev_compiled"] == pytest.approx(psnr["ev_eager"], abs=1e-3)
+    eager, compiled = (model_psnrs(smoke_ckpt, tiny_bench_root, tmp_path / name, *flags)
+                       for name, flags in (("ev_eager", []), ("ev_compiled", ["--compile"])))
+    assert len(eager) == 3 and compiled == pytest.approx(eager, abs=1e-3)
