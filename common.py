@@ -999,8 +999,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def to_device(module: nn.Module, device, channels_last: bool = False) -> nn.Module:
     """`module` on `device`, in channels_last memory format when asked for (--channels-last)."""
-    module = module.to(device)
-    return module.to(memory_format=torch.channels_last) if channels_last else module
+    return module.to(device, memory_format=torch.channels_last) if channels_last else module.to(device)
 
 def read_released(path, authors: str, script: str) -> dict:
     """A released raw state dict of tensors (DataParallel 'module.' prefixes dropped), or one UserError line."""
@@ -1115,7 +1114,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="default: the Config seed")
     parser.add_argument("--out-dir", default=None, help="default: runs/<script>/<stage>")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast (CUDA)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False, help="NHWC layout (CUDA; on the CPU it speeds up eval, slows training)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                        help="NHWC layout (CUDA; on a CPU it speeds up eval and slows training)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile the networks: the same math, compiled once per input shape")
     parser.add_argument("--log-every", type=at_least(1), default=100)

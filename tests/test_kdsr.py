@@ -562,7 +562,6 @@ def test_compiled_training_and_eval_equal_eager(tiny_hr_dir, student_ckpt, tiny_
     assert [r["psnr"] for r in compiled] == pytest.approx([r["psnr"] for r in eager], abs=1e-3)
 
 
-
 def test_eval_with_channels_last_gives_the_same_scores(student_ckpt, tiny_bench_root, tmp_path):
     run = ["eval", "--ckpt", str(student_ckpt), "--data", "Tiny", "--data-root", str(tiny_bench_root), "--device",
            "cpu", "--limit", "1"]

@@ -624,7 +624,6 @@ def test_compiled_training_and_eval_equal_eager(chain, tiny_hr_dir, tiny_bench_r
     assert [r["psnr"] for r in compiled] == pytest.approx([r["psnr"] for r in eager], abs=1e-3)
 
 
-
 def test_eval_with_channels_last_gives_the_same_scores(chain, tiny_bench_root, tmp_path):
     run = ["eval", "--ckpt", str(chain["student"]), "--data", "Tiny", "--data-root", str(tiny_bench_root),
            "--device", "cpu", "--limit", "1"]
